@@ -1,0 +1,109 @@
+"""Typed engine configuration, with vLLM's argument names."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> str:
+    """Normalise a dtype given as a string or a torch.dtype to one of DTYPES' keys or "auto"."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+        raise ValueError(f"dtype {dtype} is not supported; use one of bfloat16, float16, float32")
+    name = dtype.removeprefix("torch.")
+    if name != "auto" and name not in DTYPES:
+        raise ValueError(
+            f"dtype {dtype!r} is not supported; use auto, bfloat16, float16 or float32"
+        )
+    return name
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs to load a model and serve it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local directory or Hugging Face hub id of the checkpoint.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or hub id; defaults to model."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: str = Field("auto", description="Activation dtype: auto, bfloat16, float16 or float32.")
+    quantization: Literal["bitsandbytes"] | None = Field(
+        None,
+        description="Quantize a 16/32-bit checkpoint while loading; inferred from config.json "
+        "for pre-quantized checkpoints.",
+    )
+    load_format: Literal["auto", "bitsandbytes", "safetensors"] = Field(
+        "auto", description="Checkpoint format; 'bitsandbytes' is accepted for vLLM compatibility."
+    )
+    quantization_config: dict[str, object] | None = Field(
+        None,
+        description="bitsandbytes options for in-flight quantization, with transformers' "
+        "BitsAndBytesConfig names (bnb_4bit_quant_type, bnb_4bit_use_double_quant, ...).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Accepted for compatibility; no remote code runs."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Number of tensor-parallel ranks.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output; defaults to the model's context length."
+    )
+    seed: int = Field(0, description="Seed for requests that do not set their own.")
+    device: str | None = Field(
+        None, description="cuda, cuda:N or cpu; None picks CUDA when present."
+    )
+    block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of GPU memory the engine may use (weights + KV cache).",
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache size in bytes; overrides gpu_memory_utilization. "
+        "On CPU the default is 1 GiB.",
+    )
+    num_gpu_blocks_override: int | None = Field(
+        None, ge=1, description="Exact number of KV cache blocks (testing and tuning)."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Most tokens in one step; defaults to max(2048, max_num_seqs)."
+    )
+    enable_chunked_prefill: bool = Field(
+        True, description="Split long prompts over several steps, mixed with decodes."
+    )
+    enforce_eager: bool = Field(True, description="Run without CUDA graphs.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, value: str | torch.dtype) -> str:
+        return parse_dtype(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.load_format == "bitsandbytes" and self.quantization not in (None, "bitsandbytes"):
+            raise ValueError("load_format='bitsandbytes' needs quantization='bitsandbytes' or None")
+        if self.quantization_config is not None and self.quantization is None:
+            raise ValueError("quantization_config is given but quantization is None")
+        return self
+
+    @property
+    def batched_tokens_limit(self) -> int:
+        return self.max_num_batched_tokens or max(2048, self.max_num_seqs)

@@ -1,0 +1,92 @@
+"""Incremental detokenization and the stop conditions that need text."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from transformers import PreTrainedTokenizerBase
+
+from engine.sequence import Sequence
+
+_PREFIX_WINDOW = 5  # tokens of context decoded before the new ones, so spaces and merges are right
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.decode_token = lru_cache(maxsize=65536)(self._decode_one)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def start(self, seq: Sequence) -> None:
+        seq.prefix_offset = max(seq.num_prompt_tokens - _PREFIX_WINDOW, 0)
+        seq.read_offset = seq.num_prompt_tokens
+
+    def step(self, seq: Sequence) -> str:
+        """Append the text of seq's newest tokens to seq.text; return what was appended. Text that
+        ends inside a multi-byte UTF-8 character is held back until the character is complete."""
+        skip = seq.params.skip_special_tokens
+        ids = seq.token_ids
+        prefix = self.tokenizer.decode(
+            ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip
+        )
+        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        seq.prefix_offset = seq.read_offset
+        seq.read_offset = len(ids)
+        seq.text += delta
+        return delta
+
+    def flush(self, seq: Sequence) -> None:
+        """At the end, add text still held back (an incomplete character decodes as U+FFFD)."""
+        ids = seq.token_ids
+        if seq.read_offset >= len(ids):
+            return
+        skip = seq.params.skip_special_tokens
+        prefix = self.tokenizer.decode(
+            ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip
+        )
+        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        seq.text += full[len(prefix) :]
+        seq.prefix_offset = seq.read_offset = len(ids)
+
+
+def check_stop(seq: Sequence, delta_len: int, max_model_len: int) -> None:
+    """Set seq.finish_reason (and stop_reason) if its newest token ends it; trims a stop string."""
+    params = seq.params
+    token = seq.token_ids[-1]
+    if seq.num_output_tokens >= params.min_tokens:
+        if not params.ignore_eos and token in seq.eos_token_ids:
+            seq.finish_reason = "stop"
+            return
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return
+        if params.stop_strings and delta_len:
+            if _truncate_at_stop_string(seq, delta_len):
+                return
+    if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        seq.finish_reason = "length"
+    elif seq.num_tokens >= max_model_len:
+        seq.finish_reason = "length"
+
+
+def _truncate_at_stop_string(seq: Sequence, delta_len: int) -> bool:
+    params = seq.params
+    # A stop string may straddle the old text and the new delta.
+    search_from = max(0, len(seq.text) - delta_len - params.max_stop_len + 1)
+    best: tuple[int, str] | None = None
+    for stop in params.stop_strings:
+        index = seq.text.find(stop, search_from)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    if best is None:
+        return False
+    index, stop = best
+    end = index + len(stop) if params.include_stop_str_in_output else index
+    seq.text = seq.text[:end]
+    seq.finish_reason, seq.stop_reason = "stop", stop
+    return True

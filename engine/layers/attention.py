@@ -1,0 +1,72 @@
+"""Attention over the paged KV cache, in portable PyTorch (CPU and GPU)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import AttentionBatch, get_forward_context
+
+
+class Attention(nn.Module):
+    """Writes this step's keys and values into the cache, then attends each query to its
+    sequence's cached tokens up to its own position (causal), optionally in a sliding window."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+        # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner.
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim]."""
+        metadata = get_forward_context()
+        assert self.kv_cache is not None, "KV cache not bound"
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_keys[metadata.slot_mapping] = k.view(-1, self.num_kv_heads, self.head_dim)
+        flat_values[metadata.slot_mapping] = v.view(-1, self.num_kv_heads, self.head_dim)
+
+        q = q.view(-1, self.num_heads, self.head_dim)
+        outputs = [
+            self._attend(q[b.token_start : b.token_end], key_cache, value_cache, b)
+            for b in metadata.batches
+        ]
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def _attend(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, b: AttentionBatch
+    ) -> torch.Tensor:
+        num_seqs, max_q = b.num_seqs, b.max_query_len
+        padded = q.new_zeros(num_seqs * max_q, self.num_heads, self.head_dim)
+        padded[b.flat_index] = q
+        padded = padded.view(num_seqs, max_q, self.num_heads, self.head_dim).transpose(1, 2)
+
+        # Gather each sequence's blocks: [num_seqs, kv_heads, max_blocks * block_size, head_dim].
+        keys = key_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
+        values = value_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
+
+        key_pos = torch.arange(keys.shape[2], device=q.device)
+        query_pos = b.query_positions.unsqueeze(-1)  # [num_seqs, max_q, 1]
+        mask = (key_pos <= query_pos) & (key_pos < b.context_lens.view(-1, 1, 1))
+        if self.sliding_window is not None:
+            mask &= key_pos > query_pos - self.sliding_window
+        out = F.scaled_dot_product_attention(
+            padded, keys, values, attn_mask=mask.unsqueeze(1), scale=self.scale, enable_gqa=True
+        )
+        out = out.transpose(1, 2).reshape(num_seqs * max_q, self.num_heads, self.head_dim)
+        return out[b.flat_index]

@@ -1,0 +1,318 @@
+"""bitsandbytes 4-bit (NF4/FP4) linear layers, pre-quantized or quantized while loading.
+
+Both paths end in the same storage, so one `apply` serves them: the packed 4-bit codes (uint8,
+two per byte, row-major like bnb) and one fp32 absmax per block. Double-quantized statistics are
+de-nested at load exactly as bitsandbytes does it before every matmul, so the numbers match bnb's
+while each step skips the de-nesting (at 0.375 bits per weight more than nested storage)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from engine.config import DTYPES
+from engine.layers.quant.base import (
+    LinearMethod,
+    QuantizationConfig,
+    WeightShard,
+    checkpoint_prefixes,
+)
+from engine.layers.quant.unquantized import UnquantizedLinearMethod, copy_shard
+
+logger = logging.getLogger(__name__)
+
+MIN_BNB_VERSION = (0, 45, 3)
+_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def check_bnb_version() -> None:
+    version = tuple(int(p) for p in bnb.__version__.split(".")[:3] if p.isdigit())
+    if version < MIN_BNB_VERSION:
+        raise ImportError(
+            f"bitsandbytes >= {'.'.join(map(str, MIN_BNB_VERSION))} is required, "
+            f"found {bnb.__version__}; pip install -U bitsandbytes"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Packed4bitWeight:
+    """One checkpoint weight in bnb's 4-bit layout, statistics de-nested to fp32."""
+
+    name: str
+    data: torch.Tensor  # uint8, flat: out * in / 2 bytes
+    absmax: torch.Tensor  # float32, flat: out * in / blocksize
+    shape: tuple[int, int]  # (out, in) of the dequantized weight
+    quant_type: str
+    blocksize: int
+
+
+class BitsAndBytesConfig(QuantizationConfig, BaseModel):
+    """4-bit bitsandbytes settings, with transformers' BitsAndBytesConfig names."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: Literal["bitsandbytes"] = "bitsandbytes"
+
+    load_in_4bit: bool = Field(True, description="Must be true: 4-bit is what nibble serves.")
+    load_in_8bit: bool = Field(
+        False, description="8-bit (LLM.int8) checkpoints are not supported yet."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the block statistics too.")
+    bnb_4bit_compute_dtype: str | None = Field(
+        None, description="dtype of the matmul; None uses the model's dtype."
+    )
+    bnb_4bit_blocksize: int = Field(64, description="Weights per absmax block (nibble extension).")
+    bnb_4bit_quant_storage: str = Field("uint8", description="Storage dtype of packed weights.")
+    llm_int8_skip_modules: list[str] | None = Field(
+        None, description="Linear layers (name or suffix) kept unquantized."
+    )
+    prequantized: bool = Field(False, description="Weights come packed in the checkpoint.")
+
+    @field_validator("bnb_4bit_compute_dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: object) -> str | None:
+        if value is None:
+            return None
+        name = str(value).removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"bnb_4bit_compute_dtype {value!r} is not one of {sorted(DTYPES)}")
+        return name
+
+    def model_post_init(self, _context: object) -> None:
+        if self.load_in_8bit or not self.load_in_4bit:
+            raise ValueError(
+                "this checkpoint uses bitsandbytes 8-bit (LLM.int8) quantization, which nibble "
+                "does not support yet; use a 4-bit (load_in_4bit) checkpoint or a 16-bit one with "
+                "quantization='bitsandbytes'"
+            )
+        if self.bnb_4bit_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(
+                f"bnb_4bit_blocksize {self.bnb_4bit_blocksize} is not a bnb block size"
+            )
+        if self.bnb_4bit_quant_storage != "uint8":
+            raise ValueError(
+                f"bnb_4bit_quant_storage {self.bnb_4bit_quant_storage!r} is not supported; "
+                "use uint8"
+            )
+
+    def compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return DTYPES[self.bnb_4bit_compute_dtype] if self.bnb_4bit_compute_dtype else model_dtype
+
+    def is_skipped(self, prefix: str) -> bool:
+        names = checkpoint_prefixes(prefix)
+        skipped = [self._matches_skip(name) for name in names]
+        if any(skipped) and not all(skipped):
+            raise ValueError(
+                f"llm_int8_skip_modules skips only some of {names}, which nibble runs as one "
+                "merged layer; skip all of them or none"
+            )
+        return all(skipped)
+
+    def _matches_skip(self, name: str) -> bool:
+        parts = name.split(".")
+        return any(
+            s == name or s in parts or name.endswith("." + s)
+            for s in self.llm_int8_skip_modules or []
+        )
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        if self.is_skipped(prefix):
+            return UnquantizedLinearMethod()
+        return BitsAndBytesLinearMethod(self)
+
+    def read_checkpoint(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor | Packed4bitWeight]]:
+        """Group each packed weight with its statistics into one Packed4bitWeight."""
+        if not self.prequantized:
+            yield from weights
+            return
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in weights:
+            base, part = _split_bnb_name(name, tensor)
+            if base is None:
+                yield name, tensor
+                continue
+            parts = pending.setdefault(base, {})
+            parts[part] = tensor
+            if _is_complete(parts):
+                yield base, _unpack(base, pending.pop(base))
+        if pending:
+            raise ValueError(f"incomplete bitsandbytes state for {sorted(pending)[:3]}")
+
+
+def _split_bnb_name(name: str, tensor: torch.Tensor) -> tuple[str | None, str]:
+    """('x.weight', part) for a bnb component of x.weight, else (None, '')."""
+    if ".weight.quant_state." in name:
+        base, _, _ = name.partition(".quant_state.")
+        return base, "quant_state"
+    for suffix in _STATE_SUFFIXES:
+        if name.endswith(".weight." + suffix):
+            return name[: -len(suffix) - 1], suffix
+    if name.endswith(".weight") and tensor.dtype == torch.uint8:
+        return name, "data"
+    return None, ""
+
+
+def _is_complete(parts: dict[str, torch.Tensor]) -> bool:
+    if not {"data", "absmax", "quant_map", "quant_state"} <= parts.keys():
+        return False
+    meta = _state_json(parts["quant_state"])
+    return "nested_blocksize" not in meta or {"nested_absmax", "nested_quant_map"} <= parts.keys()
+
+
+def _state_json(tensor: torch.Tensor) -> dict[str, object]:
+    return json.loads(bytes(tensor.tolist()).decode("utf-8"))
+
+
+def _unpack(name: str, parts: dict[str, torch.Tensor]) -> Packed4bitWeight:
+    meta = _state_json(parts["quant_state"])
+    absmax = parts["absmax"]
+    if "nested_blocksize" in meta:
+        state2 = bnbF.QuantState(
+            absmax=parts["nested_absmax"],
+            code=parts["nested_quant_map"],
+            blocksize=int(meta["nested_blocksize"]),
+            dtype=getattr(torch, str(meta["nested_dtype"])),
+        )
+        absmax = bnbF.dequantize_blockwise(absmax, state2) + float(meta["nested_offset"])
+    out_size, in_size = (int(s) for s in meta["shape"])
+    return Packed4bitWeight(
+        name=name,
+        data=parts["data"].reshape(-1),
+        absmax=absmax.float().reshape(-1),
+        shape=(out_size, in_size),
+        quant_type=str(meta["quant_type"]),
+        blocksize=int(meta["blocksize"]),
+    )
+
+
+class BitsAndBytesLinearMethod(LinearMethod):
+    """Holds `qweight` (uint8, out*in/2) and `absmax` (fp32, out*in/blocksize); the matmul is
+    bitsandbytes' own `matmul_4bit`. In-flight mode first holds a 16-bit `weight`."""
+
+    def __init__(self, config: BitsAndBytesConfig) -> None:
+        self.config = config
+
+    def create_weights(
+        self, layer, input_size_per_partition, output_size_per_partition, params_dtype
+    ):
+        num_values = output_size_per_partition * input_size_per_partition
+        if num_values % self.config.bnb_4bit_blocksize:
+            raise ValueError(
+                f"{layer.prefix}: {output_size_per_partition}x{input_size_per_partition} "
+                f"weights do not fill whole {self.config.bnb_4bit_blocksize}-value blocks"
+            )
+        layer.compute_dtype = self.config.compute_dtype(params_dtype)
+        layer.shape = (output_size_per_partition, input_size_per_partition)
+        if self.config.prequantized:
+            qweight = torch.empty(num_values // 2, dtype=torch.uint8)
+            absmax = torch.empty(num_values // self.config.bnb_4bit_blocksize, dtype=torch.float32)
+            layer.qweight = nn.Parameter(qweight, requires_grad=False)
+            layer.absmax = nn.Parameter(absmax, requires_grad=False)
+        else:
+            weight = torch.empty(
+                output_size_per_partition, input_size_per_partition, dtype=params_dtype
+            )
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+
+    def load_weight(self, layer, loaded, shard):
+        if not self.config.prequantized:
+            if not isinstance(loaded, torch.Tensor) or loaded.dtype == torch.uint8:
+                raise ValueError(
+                    f"{layer.prefix}: expected a 16/32-bit weight for in-flight quantization"
+                )
+            copy_shard(layer.weight.data, loaded, shard, layer.prefix)
+            return
+        if not isinstance(loaded, Packed4bitWeight):
+            raise ValueError(
+                f"{layer.prefix}: the checkpoint holds an unquantized {tuple(loaded.shape)} weight "
+                "where a bitsandbytes 4-bit one was expected"
+            )
+        self._check_format(layer, loaded)
+        data, absmax = _narrow_packed(loaded, shard, layer.prefix)
+        dst_start = shard.dst_row * layer.shape[1]
+        layer.qweight.data.narrow(0, dst_start // 2, data.numel()).copy_(data)
+        block = loaded.blocksize
+        layer.absmax.data.narrow(0, dst_start // block, absmax.numel()).copy_(absmax)
+
+    def _check_format(self, layer: nn.Module, loaded: Packed4bitWeight) -> None:
+        expected = (self.config.bnb_4bit_quant_type, self.config.bnb_4bit_blocksize)
+        if (loaded.quant_type, loaded.blocksize) != expected:
+            raise ValueError(
+                f"{loaded.name}: stored as {loaded.quant_type}/block {loaded.blocksize}, but the "
+                f"checkpoint's quantization_config says {expected[0]}/block {expected[1]}"
+            )
+
+    def process_weights_after_loading(self, layer):
+        if not self.config.prequantized:
+            packed, state = bnbF.quantize_4bit(
+                layer.weight.data,
+                blocksize=self.config.bnb_4bit_blocksize,
+                compress_statistics=self.config.bnb_4bit_use_double_quant,
+                quant_type=self.config.bnb_4bit_quant_type,
+            )
+            absmax = state.absmax
+            if state.nested:
+                absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            del layer.weight
+            layer.qweight = nn.Parameter(packed.reshape(-1), requires_grad=False)
+            layer.absmax = nn.Parameter(absmax.float().reshape(-1), requires_grad=False)
+        layer.quant_state = bnbF.QuantState(
+            absmax=layer.absmax.data,
+            shape=torch.Size(layer.shape),
+            code=bnbF.get_4bit_type(self.config.bnb_4bit_quant_type, device=layer.absmax.device),
+            blocksize=self.config.bnb_4bit_blocksize,
+            quant_type=self.config.bnb_4bit_quant_type,
+            dtype=layer.compute_dtype,
+        )
+
+    def apply(self, layer, x, bias):
+        out = bnb.matmul_4bit(
+            x.to(layer.compute_dtype), layer.qweight.view(-1, 1), layer.quant_state
+        )
+        out = out.to(x.dtype)
+        return out if bias is None else out + bias
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The layer's weight as the matmul sees it (for tests and debugging)."""
+        return bnbF.dequantize_4bit(layer.qweight.view(-1, 1), layer.quant_state)
+
+
+def _narrow_packed(
+    loaded: Packed4bitWeight, shard: WeightShard, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slice packed codes and statistics exactly; only whole blocks can be sliced."""
+    out_size, in_size = loaded.shape
+    block = loaded.blocksize
+    if shard.dim == 0:
+        start, size = shard.src_start * in_size, shard.size * in_size
+        if start % block or size % block:
+            raise ValueError(
+                f"{name}: rows {shard.src_start}..{shard.src_start + shard.size} of {loaded.name} "
+                f"(input size {in_size}) do not start and end on {block}-value block boundaries, "
+                "so the pre-quantized weight cannot be split here exactly"
+            )
+        return (
+            loaded.data.narrow(0, start // 2, size // 2),
+            loaded.absmax.narrow(0, start // block, size // block),
+        )
+    if in_size % block or shard.src_start % block or shard.size % block:
+        raise ValueError(
+            f"{name}: input columns {shard.src_start}..{shard.src_start + shard.size} of "
+            f"{loaded.name} (input size {in_size}) are not aligned to its {block}-value blocks, so "
+            "the pre-quantized weight cannot be split here exactly"
+        )
+    data = loaded.data.view(out_size, in_size // 2).narrow(1, shard.src_start // 2, shard.size // 2)
+    absmax = loaded.absmax.view(out_size, in_size // block)
+    absmax = absmax.narrow(1, shard.src_start // block, shard.size // block)
+    return data.reshape(-1), absmax.reshape(-1)

@@ -1,0 +1,140 @@
+"""The offline API, shaped like vLLM's: LLM(model=...).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceOf
+from typing import Any, TypedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class TokensPrompt(TypedDict):
+    prompt_token_ids: list[int]
+
+
+PromptType = str | TokensPrompt
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """Loads a model once and generates for batches of prompts.
+
+    Pre-quantized bitsandbytes checkpoints need no arguments; a 16/32-bit checkpoint is quantized
+    while loading with quantization="bitsandbytes". Extra keyword arguments are EngineConfig fields
+    (max_num_seqs, gpu_memory_utilization, kv_cache_memory_bytes, quantization_config, ...)."""
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str | torch.dtype = "auto",
+        quantization: str | None = None,
+        load_format: str = "auto",
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        device: str | None = None,
+        **engine_args: Any,
+    ) -> None:
+        config = EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, quantization=quantization,
+            load_format=load_format, trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, seed=seed,
+            device=device, **engine_args,
+        )  # fmt: skip
+        if config.tensor_parallel_size > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 needs the Ray worker group")
+        self.llm_engine = LLMEngine(config)
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceOf[PromptType],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        requests = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            text, token_ids = self._tokenize(prompt)
+            engine.validate_prompt(token_ids, params)  # all valid before any runs
+            requests.append((str(next(self._request_ids)), text, token_ids, params))
+        for request_id, text, token_ids, params in requests:
+            engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
+        return self._run([r[0] for r in requests], use_tqdm)
+
+    def chat(
+        self,
+        messages: ChatMessages | list[ChatMessages],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template; pass chat_template=...")
+        prompts: list[PromptType] = [
+            TokensPrompt(
+                prompt_token_ids=list(
+                    tokenizer.apply_chat_template(
+                        conversation,
+                        chat_template=chat_template,
+                        tokenize=True,
+                        add_generation_prompt=add_generation_prompt,
+                        return_dict=False,
+                    )
+                )
+            )  # fmt: skip
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.get_tokenizer().encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            token_ids = list(prompt["prompt_token_ids"])
+            return self.get_tokenizer().decode(token_ids), token_ids
+        raise ValueError(
+            f"a prompt must be a string or {{'prompt_token_ids': [...]}}, got {prompt!r}"
+        )
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update()
+        return [finished[r] for r in request_ids]

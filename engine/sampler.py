@@ -1,0 +1,105 @@
+"""Turns a step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling,
+and the log-probabilities requested with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float  # raw model log-probability of the token
+    top_logprobs: dict[int, tuple[float, int]] | None  # token -> (logprob, rank), incl. token_id
+
+
+class Sampler:
+    """Logprobs are the model's raw log-softmax (before penalties and temperature), as vLLM
+    reports them; the choice itself uses the processed distribution."""
+
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
+    ) -> list[SampledToken]:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits.clone(), seqs)
+        token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
+        if greedy:
+            token_ids[greedy] = logits[greedy].argmax(dim=-1)
+        random = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
+        if random:
+            probs = self._processed_probs(logits[random], [seqs[i] for i in random])
+            for row, i in enumerate(random):
+                gen = seqs[i].generator or generator
+                # argmax(p / q) with q ~ Exp(1) is a draw from p (the exponential race).
+                q = torch.empty_like(probs[row]).exponential_(generator=gen)
+                token_ids[i] = (probs[row] / q).argmax()
+        chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        token_list, chosen_list = token_ids.tolist(), chosen.tolist()
+        return [
+            SampledToken(tok, lp, top_logprobs(raw_logprobs[i], tok, seqs[i].params.logprobs))
+            for i, (tok, lp) in enumerate(zip(token_list, chosen_list, strict=True))
+        ]
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+                values = logits[i, seen]
+                logits[i, seen] = torch.where(
+                    values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+                )
+            if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
+                out = torch.tensor(seq.output_token_ids, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]]
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            if seq.num_output_tokens < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else seq.eos_token_ids)
+                banned = [t for t in banned if t < logits.shape[1]]
+                logits[i, banned] = float("-inf")
+        return logits
+
+    def _processed_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device = logits.device
+        temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
+        logits = logits / temperature.unsqueeze(1)
+        top_k = [s.params.top_k for s in seqs]
+        if any(top_k):
+            k = torch.tensor([t or logits.shape[1] for t in top_k], device=device)
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+        if (top_p < 1.0).any():
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always the top token).
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+        if (min_p > 0).any():
+            threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def top_logprobs(
+    logprobs: torch.Tensor, token_id: int, k: int | None
+) -> dict[int, tuple[float, int]] | None:
+    """The top-k entries of one position's log-probabilities, plus token_id, with 1-based ranks."""
+    if k is None:
+        return None
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    result = {token_id: (float(chosen), rank)}
+    if k:
+        values, ids = logprobs.topk(k)
+        for r, (v, t) in enumerate(zip(values.tolist(), ids.tolist(), strict=True), start=1):
+            result.setdefault(t, (v, r))
+    return result
