@@ -26,7 +26,7 @@ from engine.layers.quant.base import (
     WeightShard,
     checkpoint_prefixes,
 )
-from engine.layers.quant.unquantized import UnquantizedLinearMethod, copy_shard
+from engine.layers.quant.unquantized import UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,8 @@ def _unpack(name: str, parts: dict[str, torch.Tensor]) -> Packed4bitWeight:
 
 class BitsAndBytesLinearMethod(LinearMethod):
     """Holds `qweight` (uint8, out*in/2) and `absmax` (fp32, out*in/blocksize); the matmul is
-    bitsandbytes' own `matmul_4bit`. In-flight mode first holds a 16-bit `weight`."""
+    bitsandbytes' own `matmul_4bit`. In-flight mode quantizes each shard as it is loaded, so no
+    16-bit copy of the layer is ever held."""
 
     def __init__(self, config: BitsAndBytesConfig) -> None:
         self.config = config
@@ -213,37 +214,45 @@ class BitsAndBytesLinearMethod(LinearMethod):
                 f"weights do not fill whole {self.config.bnb_4bit_blocksize}-value blocks"
             )
         layer.compute_dtype = self.config.compute_dtype(params_dtype)
+        layer.params_dtype = params_dtype
         layer.shape = (output_size_per_partition, input_size_per_partition)
-        if self.config.prequantized:
-            qweight = torch.empty(num_values // 2, dtype=torch.uint8)
-            absmax = torch.empty(num_values // self.config.bnb_4bit_blocksize, dtype=torch.float32)
-            layer.qweight = nn.Parameter(qweight, requires_grad=False)
-            layer.absmax = nn.Parameter(absmax, requires_grad=False)
-        else:
-            weight = torch.empty(
-                output_size_per_partition, input_size_per_partition, dtype=params_dtype
-            )
-            layer.weight = nn.Parameter(weight, requires_grad=False)
+        qweight = torch.empty(num_values // 2, dtype=torch.uint8)
+        absmax = torch.empty(num_values // self.config.bnb_4bit_blocksize, dtype=torch.float32)
+        layer.qweight = nn.Parameter(qweight, requires_grad=False)
+        layer.absmax = nn.Parameter(absmax, requires_grad=False)
 
     def load_weight(self, layer, loaded, shard):
-        if not self.config.prequantized:
-            if not isinstance(loaded, torch.Tensor) or loaded.dtype == torch.uint8:
+        if self.config.prequantized:
+            if not isinstance(loaded, Packed4bitWeight):
                 raise ValueError(
-                    f"{layer.prefix}: expected a 16/32-bit weight for in-flight quantization"
+                    f"{layer.prefix}: the checkpoint holds an unquantized {tuple(loaded.shape)} "
+                    "weight where a bitsandbytes 4-bit one was expected"
                 )
-            copy_shard(layer.weight.data, loaded, shard, layer.prefix)
-            return
-        if not isinstance(loaded, Packed4bitWeight):
-            raise ValueError(
-                f"{layer.prefix}: the checkpoint holds an unquantized {tuple(loaded.shape)} weight "
-                "where a bitsandbytes 4-bit one was expected"
-            )
-        self._check_format(layer, loaded)
-        data, absmax = _narrow_packed(loaded, shard, layer.prefix)
+            self._check_format(layer, loaded)
+            data, absmax = _narrow_packed(loaded, shard, layer.prefix)
+        else:
+            if not isinstance(loaded, torch.Tensor) or not loaded.is_floating_point():
+                raise ValueError(f"{layer.prefix}: expected a 16/32-bit weight to quantize")
+            # Quantize this rank's slice of each checkpoint tensor on its own, as transformers
+            # does per module: double-quant statistics then match theirs exactly.
+            source = shard.narrow(loaded).to(layer.qweight.device, layer.params_dtype)
+            data, absmax = self._quantize(source.contiguous())
         dst_start = shard.dst_row * layer.shape[1]
         layer.qweight.data.narrow(0, dst_start // 2, data.numel()).copy_(data)
-        block = loaded.blocksize
+        block = self.config.bnb_4bit_blocksize
         layer.absmax.data.narrow(0, dst_start // block, absmax.numel()).copy_(absmax)
+
+    def _quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed, state = bnbF.quantize_4bit(
+            weight,
+            blocksize=self.config.bnb_4bit_blocksize,
+            compress_statistics=self.config.bnb_4bit_use_double_quant,
+            quant_type=self.config.bnb_4bit_quant_type,
+        )
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        return packed.reshape(-1), absmax.float().reshape(-1)
 
     def _check_format(self, layer: nn.Module, loaded: Packed4bitWeight) -> None:
         expected = (self.config.bnb_4bit_quant_type, self.config.bnb_4bit_blocksize)
@@ -254,19 +263,6 @@ class BitsAndBytesLinearMethod(LinearMethod):
             )
 
     def process_weights_after_loading(self, layer):
-        if not self.config.prequantized:
-            packed, state = bnbF.quantize_4bit(
-                layer.weight.data,
-                blocksize=self.config.bnb_4bit_blocksize,
-                compress_statistics=self.config.bnb_4bit_use_double_quant,
-                quant_type=self.config.bnb_4bit_quant_type,
-            )
-            absmax = state.absmax
-            if state.nested:
-                absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            del layer.weight
-            layer.qweight = nn.Parameter(packed.reshape(-1), requires_grad=False)
-            layer.absmax = nn.Parameter(absmax.float().reshape(-1), requires_grad=False)
         layer.quant_state = bnbF.QuantState(
             absmax=layer.absmax.data,
             shape=torch.Size(layer.shape),

@@ -1,0 +1,187 @@
+"""Checkpoint formats, quantization options, and the errors a user can meet while loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from checkpoints import prequantize
+from conftest import PROMPTS
+from oracle import greedy, load_reference
+from safetensors.torch import load_file
+from transformers import BitsAndBytesConfig
+
+from engine import LLM, SamplingParams
+from engine.layers.linear import LinearBase
+from engine.layers.quant.bitsandbytes import BitsAndBytesLinearMethod
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _linears(llm: LLM) -> dict[str, LinearBase]:
+    model = llm.llm_engine.runner.model
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
+def _copy_with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_sharded_checkpoint_and_weight_report(checkpoints):
+    path = checkpoints("llama")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("*.safetensors"))) > 1
+    llm = LLM(model=str(path), quantization="bitsandbytes")
+    report = llm.llm_engine.runner.load_report
+    assert report.quantization == "bitsandbytes-nf4-dq-inflight"
+    assert report.ratio_to_16bit < 0.6
+    assert all(isinstance(m.quant_method, BitsAndBytesLinearMethod) for m in _linears(llm).values())
+    assert llm.llm_engine.device.type == "cpu"  # device=None picks CUDA only when present
+
+
+def test_vllm_examples_run_as_written(checkpoints):
+    # The older vLLM example names both arguments; the newer one none, for pre-quantized files.
+    prequant = checkpoints("llama-nf4-dq")
+    old = LLM(model=str(prequant), quantization="bitsandbytes", load_format="bitsandbytes")
+    new = LLM(model=str(prequant))
+    assert old.llm_engine.runner.load_report.quantization == "bitsandbytes-nf4-dq-prequantized"
+    assert _tokens(old) == _tokens(new)
+    inflight = LLM(
+        model=str(checkpoints("llama")), quantization="bitsandbytes", load_format="bitsandbytes"
+    )
+    assert inflight.llm_engine.runner.load_report.quantization.endswith("inflight")
+
+
+def _tokens(llm):
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)]
+
+
+def test_skip_modules_in_flight_and_prequantized(checkpoints, tmp_path):
+    path = checkpoints("qwen2")
+    skip = ["down_proj", "lm_head"]
+    config = BitsAndBytesConfig(  # transformers defaults to fp4 without double quant
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
+    )
+    reference = load_reference(path, config)
+    inflight = LLM(
+        model=str(path), dtype="float32", quantization="bitsandbytes",
+        quantization_config={
+            "llm_int8_skip_modules": skip, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4",
+        },
+    )  # fmt: skip
+    prequant_path = prequantize(path, tmp_path / "skip", config)
+    assert "model.layers.0.mlp.down_proj.weight.absmax" not in load_file(
+        next(prequant_path.glob("*.safetensors"))
+    )
+    prequant = LLM(model=str(prequant_path), dtype="float32")
+    for llm in (inflight, prequant):
+        kinds = {
+            n.rsplit(".", 1)[-1]: type(m.quant_method).__name__ for n, m in _linears(llm).items()
+        }
+        assert kinds["down_proj"] == "UnquantizedLinearMethod"
+        assert kinds["gate_up_proj"] == "BitsAndBytesLinearMethod"
+        for prompt, out in zip(
+            PROMPTS[:4], llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False), strict=True
+        ):
+            assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8), prompt
+
+
+def test_blocksize_and_compute_dtype_are_honoured(checkpoints):
+    path = checkpoints("llama")
+    llm = LLM(
+        model=str(path), dtype="float32", quantization="bitsandbytes",
+        quantization_config={"bnb_4bit_blocksize": 128, "bnb_4bit_use_double_quant": False,
+                             "bnb_4bit_compute_dtype": "bfloat16"},
+    )  # fmt: skip
+    layer = _linears(llm)["model.layers.0.mlp.down_proj"]
+    assert layer.quant_state.blocksize == 128 and layer.compute_dtype == torch.bfloat16
+    original = load_reference(path).model.layers[0].mlp.down_proj.weight.data
+    packed, state = bnbF.quantize_4bit(original, blocksize=128, quant_type="nf4")
+    assert torch.equal(layer.qweight.data, packed.reshape(-1))
+    assert torch.equal(layer.absmax.data, state.absmax)
+    assert llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)[0].finished
+
+
+def test_checkpoint_compute_dtype_is_honoured(checkpoints, tmp_path):
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    path = prequantize(checkpoints("llama"), tmp_path / "bf16", config)
+    llm = LLM(model=str(path), dtype="float32")
+    assert {m.compute_dtype for m in _linears(llm).values()} == {torch.bfloat16}
+
+
+def test_unsupported_architecture_names_the_supported(checkpoints, tmp_path):
+    path = _copy_with_config(
+        checkpoints("llama"), tmp_path / "gpt2", architectures=["GPT2LMHeadModel"]
+    )
+    with pytest.raises(
+        ValueError, match=r"GPT2LMHeadModel.*not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"
+    ):
+        LLM(model=str(path))
+
+
+def test_contradictions_are_clear_errors(checkpoints, tmp_path):
+    prequant = checkpoints("llama-nf4-dq")
+    quant = json.loads((prequant / "config.json").read_text())["quantization_config"]
+    eight_bit = _copy_with_config(
+        prequant,
+        tmp_path / "int8",
+        quantization_config={**quant, "load_in_4bit": False, "load_in_8bit": True},
+    )
+    with pytest.raises(ValueError, match="8-bit"):
+        LLM(model=str(eight_bit))
+    gptq = _copy_with_config(
+        prequant, tmp_path / "gptq", quantization_config={"quant_method": "gptq", "bits": 4}
+    )
+    with pytest.raises(ValueError, match="quantized with 'gptq'.*bitsandbytes"):
+        LLM(model=str(gptq), quantization="bitsandbytes")
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(
+            model=str(prequant),
+            quantization="bitsandbytes",
+            quantization_config={"bnb_4bit_quant_type": "fp4"},
+        )
+    with pytest.raises(ValueError, match="unknown bitsandbytes option"):
+        LLM(
+            model=str(checkpoints("llama")),
+            quantization="bitsandbytes",
+            quantization_config={"bits": 4},
+        )
+    with pytest.raises(ValueError, match="quantization"):
+        LLM(model=str(checkpoints("llama")), quantization="awq")
+    with pytest.raises(ValueError, match="skips only some"):
+        LLM(
+            model=str(checkpoints("llama")), quantization="bitsandbytes",
+            quantization_config={"llm_int8_skip_modules": ["q_proj"]},
+        )  # fmt: skip
+
+
+def test_missing_model_and_offline_hub_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hub cannot be reached"):
+        LLM(model="meta-llama/Llama-3.1-8B-Instruct")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        LLM(model=str(tmp_path / "empty"))
+
+
+def test_max_model_len_and_dtype_arguments(checkpoints):
+    path = str(checkpoints("llama"))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(model=path, max_model_len=10_000)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model=path, dtype="int8")
+    llm = LLM(model=path, dtype=torch.bfloat16, max_model_len=64, quantization="bitsandbytes")
+    assert llm.llm_engine.max_model_len == 64
+    out = llm.generate(
+        PROMPTS[2], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False
+    )[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+    assert out.outputs[0].finish_reason == "length"

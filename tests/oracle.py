@@ -1,0 +1,32 @@
+"""The reference: transformers' own models (with bitsandbytes for 4-bit), on the same files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+
+def load_reference(
+    path: Path, quantization: BitsAndBytesConfig | None = None, dtype=torch.float32
+) -> torch.nn.Module:
+    kwargs = {"quantization_config": quantization} if quantization else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids], device=model.device)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@torch.no_grad()
+def log_softmax(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """[len(token_ids), vocab] log-probabilities of the next token at every position."""
+    logits = model(torch.tensor([token_ids], device=model.device)).logits[0].float()
+    return torch.log_softmax(logits, dim=-1).cpu()
