@@ -57,12 +57,12 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model, self.load_report = load_model(model_dir, hf_config, quant_config, dtype, device)
         self.sampler = Sampler()
+        self.max_model_len = max_model_len
         self.num_blocks = determine_num_blocks(
             config, self.model, dtype, device, max_model_len, self._profile_run
         )
         allocate_kv_cache(self.model, self.num_blocks, self.block_size, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
-        self.max_model_len = max_model_len
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -70,7 +70,7 @@ class ModelRunner:
         num_tokens = self.config.batched_tokens_limit
         num_blocks = -(-num_tokens // self.block_size) + 1
         allocate_kv_cache(self.model, num_blocks, self.block_size, self.dtype, self.device)
-        seq_len = min(num_tokens, self.config.max_model_len or num_tokens)
+        seq_len = min(num_tokens, self.max_model_len)
         lengths = [seq_len] * (num_tokens // seq_len) + (
             [num_tokens % seq_len] if num_tokens % seq_len else []
         )
