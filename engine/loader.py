@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 from engine.layers.linear import LinearBase
 from engine.layers.quant import QuantizationConfig
 from engine.layers.quant.bitsandbytes import BitsAndBytesConfig, BitsAndBytesLinearMethod
+from engine.lazy_tensor import LazyTensor
 from engine.model_files import safetensors_files
 from engine.models.registry import build_model
 
@@ -47,13 +48,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
+    """Every tensor of the checkpoint, read lazily (each consumer reads only what it slices)."""
     total = sum(1 for f in files for _ in safe_open(f, framework="pt").keys())
     with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
         for path in files:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, LazyTensor(f.get_slice(name))
                     bar.update()
 
 

@@ -1,4 +1,8 @@
-"""Builds one step's tensors from the scheduler's decision, runs the model, samples."""
+"""Builds one step's inputs from the scheduler's decision, runs the model, samples.
+
+A step is first described as a `StepPlan` of plain lists (rank 0 builds it; with tensor
+parallelism it is broadcast to the other ranks), then every rank runs the same forward pass and
+LM head on it, and rank 0 samples."""
 
 from __future__ import annotations
 
@@ -10,31 +14,46 @@ import torch
 from transformers import PretrainedConfig
 
 from engine.config import EngineConfig
+from engine.distributed import get_tp_group
 from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
 from engine.kv_cache import allocate_kv_cache, determine_num_blocks, free_kv_cache
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
 from engine.sampler import SampledToken, Sampler, top_logprobs
-from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    sample_seqs: list[Sequence]
-    sample_rows: list[int]  # token row whose logits sample each of sample_seqs
-    prompt_rows: list[tuple[Sequence, int, int]]  # (seq, row, next prompt token id)
+class BatchPlan:
+    """One padded attention group (see AttentionBatch), as lists."""
+
+    token_start: int
+    token_end: int
+    flat_index: list[int]
+    query_positions: list[list[int]]
+    block_tables: list[list[int]]
+    context_lens: list[int]
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """Everything a rank needs to run one step, in plain Python data (cheap to broadcast)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    batches: list[BatchPlan] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
+    prompt_rows: list[int] = field(default_factory=list)  # rows for prompt logprobs
 
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    sampled: list[tuple[Sequence, SampledToken]]
-    # (seq, [(logprob of the actual next prompt token, its top-k dict)]) in prompt order.
+    sampled: list[tuple[Sequence, SampledToken]] = field(default_factory=list)
+    # (seq, [top-k dict of each next prompt token]) in prompt order.
     prompt_logprobs: list[tuple[Sequence, list[dict[int, tuple[float, int]]]]] = field(
         default_factory=list
     )
@@ -55,122 +74,150 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
+        self.max_model_len = max_model_len
         self.model, self.load_report = load_model(model_dir, hf_config, quant_config, dtype, device)
         self.sampler = Sampler()
-        self.max_model_len = max_model_len
-        self.num_blocks = determine_num_blocks(
+        num_blocks = determine_num_blocks(
             config, self.model, dtype, device, max_model_len, self._profile_run
         )
+        self.num_blocks = self._agree_across_ranks(num_blocks)
         allocate_kv_cache(self.model, self.num_blocks, self.block_size, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    def _agree_across_ranks(self, num_blocks: int) -> int:
+        """Every rank must hold the same blocks: take the smallest count any rank can afford."""
+        tp = get_tp_group()
+        if tp.size == 1:
+            return num_blocks
+        count = torch.tensor([num_blocks], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN, group=tp.group)
+        return int(count.item())
+
+    # Planning (rank 0).
+
+    def plan(self, output: SchedulerOutput) -> tuple[StepPlan, list[Sequence], list]:
+        """The step's plan, the sequences that sample (in sample_rows order), and for prompt
+        logprobs the (seq, next prompt token) of each prompt row."""
+        decodes = [s for s in output.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in output.scheduled if s.num_new_tokens > 1]
+        plan = StepPlan()
+        sample_seqs: list[Sequence] = []
+        prompt_targets: list[tuple[Sequence, int]] = []
+        bs = self.block_size
+        for group in (decodes, prefills):
+            if not group:
+                continue
+            start = len(plan.input_ids)
+            max_q = max(s.num_new_tokens for s in group)
+            max_blocks = max(len(s.seq.block_table) for s in group)
+            batch = BatchPlan(start, 0, [], [], [], [])
+            for j, s in enumerate(group):
+                seq, begin = s.seq, s.seq.num_computed_tokens
+                end = begin + s.num_new_tokens
+                row0 = len(plan.input_ids)
+                table = seq.block_table
+                plan.input_ids += seq.token_ids[begin:end]
+                plan.positions += range(begin, end)
+                plan.slot_mapping += [table[p // bs] * bs + p % bs for p in range(begin, end)]
+                batch.flat_index += range(j * max_q, j * max_q + s.num_new_tokens)
+                batch.query_positions.append(list(range(begin, end)) + [0] * (max_q - end + begin))
+                batch.block_tables.append(table + [0] * (max_blocks - len(table)))
+                batch.context_lens.append(end)
+                if s.samples:
+                    sample_seqs.append(seq)
+                    plan.sample_rows.append(row0 + s.num_new_tokens - 1)
+                if seq.wants_prompt_logprobs:
+                    first = max(begin, len(seq.prompt_logprobs) - 1)
+                    for p in range(first, min(end, seq.num_prompt_tokens - 1)):
+                        plan.prompt_rows.append(row0 + p - begin)
+                        prompt_targets.append((seq, seq.token_ids[p + 1]))
+            batch.token_end = len(plan.input_ids)
+            plan.batches.append(batch)
+        return plan, sample_seqs, prompt_targets
+
+    # Running (every rank).
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
+        batches = [
+            AttentionBatch(
+                b.token_start,
+                b.token_end,
+                self._tensor(b.flat_index),
+                self._tensor(b.query_positions),
+                self._tensor(b.block_tables),
+                self._tensor(b.context_lens),
+            )  # fmt: skip
+            for b in plan.batches
+        ]
+        return AttentionMetadata(self._tensor(plan.slot_mapping), batches)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward pass and LM head: logits of the sample rows and of the prompt-logprob rows."""
+        with set_forward_context(self._metadata(plan)):
+            hidden = self.model(self._tensor(plan.input_ids), self._tensor(plan.positions))
+        sample_logits = prompt_logits = None
+        if plan.sample_rows:
+            sample_logits = self.model.compute_logits(hidden[plan.sample_rows])
+        if plan.prompt_rows:
+            prompt_logits = self.model.compute_logits(hidden[plan.prompt_rows])
+        return sample_logits, prompt_logits
+
+    # One whole step on rank 0.
+
+    @torch.inference_mode()
+    def execute(
+        self, output: SchedulerOutput, generator: torch.Generator, broadcast=None
+    ) -> ModelRunnerOutput:
+        """Plan, (broadcast the plan to the other ranks,) run, and sample."""
+        plan, sample_seqs, prompt_targets = self.plan(output)
+        if broadcast is not None:
+            broadcast(plan)
+        sample_logits, prompt_logits = self.run(plan)
+        result = ModelRunnerOutput()
+        if sample_logits is not None:
+            tokens = self.sampler(sample_logits, sample_seqs, generator)
+            result.sampled = list(zip(sample_seqs, tokens, strict=True))
+        if prompt_logits is not None:
+            result.prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_targets)
+        return result
+
+    def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        by_seq: dict[int, tuple[Sequence, list]] = {}
+        for i, (seq, target) in enumerate(targets):
+            entry = top_logprobs(logprobs[i], target, seq.params.prompt_logprobs)
+            by_seq.setdefault(id(seq), (seq, []))[1].append(entry)
+        return list(by_seq.values())
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
         """One prefill step as large as the scheduler allows, on a throwaway cache."""
         num_tokens = self.config.batched_tokens_limit
-        num_blocks = -(-num_tokens // self.block_size) + 1
-        allocate_kv_cache(self.model, num_blocks, self.block_size, self.dtype, self.device)
         seq_len = min(num_tokens, self.max_model_len)
-        lengths = [seq_len] * (num_tokens // seq_len) + (
-            [num_tokens % seq_len] if num_tokens % seq_len else []
+        lengths = [seq_len] * (num_tokens // seq_len)
+        if num_tokens % seq_len:
+            lengths.append(num_tokens % seq_len)
+        max_q = max(lengths)
+        blocks_per_seq = -(-max_q // self.block_size)
+        allocate_kv_cache(self.model, blocks_per_seq, self.block_size, self.dtype, self.device)
+        plan = StepPlan(
+            input_ids=[0] * num_tokens,
+            positions=[p for n in lengths for p in range(n)],
+            slot_mapping=[
+                p % (blocks_per_seq * self.block_size) for n in lengths for p in range(n)
+            ],
         )
-        query_positions = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-        flat = []
+        batch = BatchPlan(0, num_tokens, [], [], [], [])
         for i, n in enumerate(lengths):
-            query_positions[i, :n] = torch.arange(n)
-            flat += range(i * max(lengths), i * max(lengths) + n)
-        blocks_per_seq = -(-max(lengths) // self.block_size)
-        batch = AttentionBatch(
-            0, num_tokens, torch.tensor(flat, device=self.device), query_positions.to(self.device),
-            torch.zeros(len(lengths), blocks_per_seq, dtype=torch.long, device=self.device),
-            torch.tensor(lengths, device=self.device),
-        )  # fmt: skip
-        metadata = AttentionMetadata(
-            torch.zeros(num_tokens, dtype=torch.long, device=self.device), [batch]
-        )
-        with set_forward_context(metadata):
-            hidden = self.model(
-                torch.zeros(num_tokens, dtype=torch.long, device=self.device),
-                torch.cat([torch.arange(n) for n in lengths]).to(self.device),
-            )
-            self.model.compute_logits(hidden[-self.config.max_num_seqs :])
+            batch.flat_index += range(i * max_q, i * max_q + n)
+            batch.query_positions.append(list(range(n)) + [0] * (max_q - n))
+            batch.block_tables.append(list(range(blocks_per_seq)))
+            batch.context_lens.append(n)
+        plan.batches.append(batch)
+        plan.sample_rows = list(range(min(num_tokens, self.config.max_num_seqs)))
+        self.run(plan)
         free_kv_cache(self.model)
-
-    def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_seqs, sample_rows, prompt_rows = [], [], []
-        batches = []
-        for group in (decodes, prefills):
-            if not group:
-                continue
-            start = len(input_ids)
-            max_q = max(s.num_new_tokens for s in group)
-            max_blocks = max(len(s.seq.block_table) for s in group)
-            flat_index, query_positions, block_tables, context_lens = [], [], [], []
-            for j, s in enumerate(group):
-                seq, begin = s.seq, s.seq.num_computed_tokens
-                end = begin + s.num_new_tokens
-                row0 = len(input_ids)
-                input_ids += seq.token_ids[begin:end]
-                positions += range(begin, end)
-                table = seq.block_table
-                slots += [
-                    table[p // self.block_size] * self.block_size + p % self.block_size
-                    for p in range(begin, end)
-                ]
-                flat_index += range(j * max_q, j * max_q + s.num_new_tokens)
-                query_positions.append(list(range(begin, end)) + [0] * (max_q - s.num_new_tokens))
-                block_tables.append(table + [0] * (max_blocks - len(table)))
-                context_lens.append(end)
-                if s.samples:
-                    sample_seqs.append(seq)
-                    sample_rows.append(row0 + s.num_new_tokens - 1)
-                if seq.wants_prompt_logprobs:
-                    first = max(begin, len(seq.prompt_logprobs) - 1)
-                    for p in range(first, min(end, seq.num_prompt_tokens - 1)):
-                        prompt_rows.append((seq, row0 + p - begin, seq.token_ids[p + 1]))
-            batches.append(
-                AttentionBatch(
-                    start,
-                    len(input_ids),
-                    self._tensor(flat_index),
-                    self._tensor(query_positions),
-                    self._tensor(block_tables),
-                    self._tensor(context_lens),
-                )  # fmt: skip
-            )
-        metadata = AttentionMetadata(self._tensor(slots), batches)
-        return StepInputs(
-            self._tensor(input_ids), self._tensor(positions), metadata,
-            sample_seqs, sample_rows, prompt_rows,
-        )  # fmt: skip
-
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
-
-    @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, generator: torch.Generator) -> ModelRunnerOutput:
-        inputs = self.prepare(output.scheduled)
-        with set_forward_context(inputs.metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        result = ModelRunnerOutput(sampled=[])
-        if inputs.sample_seqs:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
-            tokens = self.sampler(logits, inputs.sample_seqs, generator)
-            result.sampled = list(zip(inputs.sample_seqs, tokens, strict=True))
-        if inputs.prompt_rows:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, inputs.prompt_rows)
-        return result
-
-    def _prompt_logprobs(self, hidden, prompt_rows):
-        rows = [row for _, row, _ in prompt_rows]
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
-        by_seq: dict[int, tuple[Sequence, list]] = {}
-        for i, (seq, _, target) in enumerate(prompt_rows):
-            entry = top_logprobs(logprobs[i], target, seq.params.prompt_logprobs)
-            by_seq.setdefault(id(seq), (seq, []))[1].append(entry)
-        return list(by_seq.values())

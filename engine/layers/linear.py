@@ -12,6 +12,7 @@ from engine.layers.quant import (
     UnquantizedLinearMethod,
     WeightShard,
 )
+from engine.lazy_tensor import materialize
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -63,7 +64,7 @@ class LinearBase(nn.Module):
         shard = self.weight_shard(shard_id)
         if name == "bias":
             if shard.dim == 1:  # row-parallel: the bias is added once, after the all-reduce
-                self.bias.data.copy_(loaded)
+                self.bias.data.copy_(materialize(loaded))
             else:
                 src = loaded.narrow(0, shard.src_start, shard.size)
                 self.bias.data.narrow(0, shard.dst_row, shard.size).copy_(src)

@@ -21,6 +21,7 @@ from engine.layers.linear import (
 from engine.layers.norm import RMSNorm
 from engine.layers.quant import QuantizationConfig
 from engine.layers.rotary import RotaryEmbedding
+from engine.lazy_tensor import materialize
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
             if hasattr(module, "weight_loader"):
                 module.weight_loader(param_name, loaded, shard_id)
             else:
-                getattr(module, param_name).data.copy_(loaded)
+                getattr(module, param_name).data.copy_(materialize(loaded))
             pending[module_name].discard((module_name, param_name, shard_id))
             if not pending[module_name]:
                 del pending[module_name]

@@ -27,6 +27,7 @@ from engine.layers.quant.base import (
     checkpoint_prefixes,
 )
 from engine.layers.quant.unquantized import UnquantizedLinearMethod
+from engine.lazy_tensor import materialize
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
 
     def read_checkpoint(
         self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor | Packed4bitWeight]]:
+    ) -> Iterator[tuple[str, object]]:
         """Group each packed weight with its statistics into one Packed4bitWeight."""
         if not self.prequantized:
             yield from weights
@@ -143,7 +144,7 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
                 yield name, tensor
                 continue
             parts = pending.setdefault(base, {})
-            parts[part] = tensor
+            parts[part] = materialize(tensor)
             if _is_complete(parts):
                 yield base, _unpack(base, pending.pop(base))
         if pending:
@@ -231,7 +232,7 @@ class BitsAndBytesLinearMethod(LinearMethod):
             self._check_format(layer, loaded)
             data, absmax = _narrow_packed(loaded, shard, layer.prefix)
         else:
-            if not isinstance(loaded, torch.Tensor) or not loaded.is_floating_point():
+            if not hasattr(loaded, "is_floating_point") or not loaded.is_floating_point():
                 raise ValueError(f"{layer.prefix}: expected a 16/32-bit weight to quantize")
             # Quantize this rank's slice of each checkpoint tensor on its own, as transformers
             # does per module: double-quant statistics then match theirs exactly.

@@ -29,7 +29,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(weight, requires_grad=False)
 
     def load_weight(self, layer, loaded, shard):
-        if not isinstance(loaded, torch.Tensor):
+        if not hasattr(loaded, "narrow"):  # a Packed4bitWeight
             raise ValueError(
                 f"{layer.prefix}: the checkpoint holds a quantized weight but this layer is not "
                 "quantized (check quantization_config's llm_int8_skip_modules)"
