@@ -5,122 +5,65 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
-from engine.config import DTYPES, EngineConfig
+from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, check_stop
-from engine.layers.quant import resolve_quant_config
-from engine.model_files import resolve_model_dir
-from engine.model_runner import ModelRunner, ModelRunnerOutput
+from engine.model_runner import ModelRunnerOutput, StepPlan
+from engine.model_spec import ModelSpec
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
+from engine.validation import RequestLimits, validate_request
 
 logger = logging.getLogger(__name__)
 
 
-def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    checkpoint = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(checkpoint, str):
-        checkpoint = DTYPES.get(checkpoint)
-    if checkpoint in (torch.bfloat16, torch.float16):
-        return checkpoint
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """Owns the scheduler, the detokenizer and the model runner of rank 0. `broadcast`, when
+    given, sends each step's plan to the other tensor-parallel ranks before it runs."""
+
+    def __init__(
+        self, config: EngineConfig, broadcast: Callable[[StepPlan], None] | None = None
+    ) -> None:
         self.config = config
-        self.device = pick_device(config.device)
-        model_dir = resolve_model_dir(config.model, config.revision)
-        self.hf_config = AutoConfig.from_pretrained(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
-        quantization = config.quantization
-        if config.load_format == "bitsandbytes":
-            quantization = "bitsandbytes"
-        checkpoint_quant = getattr(self.hf_config, "quantization_config", None)
-        if checkpoint_quant is not None and not isinstance(checkpoint_quant, dict):
-            checkpoint_quant = checkpoint_quant.to_dict()
-        self.quant_config = resolve_quant_config(
-            checkpoint_quant, quantization, config.quantization_config
-        )
-        self.dtype = pick_dtype(config.dtype, self.hf_config, self.device)
-        self.max_model_len = self._max_model_len()
-        self.eos_token_ids = self._eos_token_ids(model_dir)
-        self.runner = ModelRunner(
-            config, self.hf_config, model_dir, self.quant_config, self.dtype, self.device,
-            self.max_model_len,
-        )  # fmt: skip
+        spec = ModelSpec.resolve(config)
+        self.spec = spec
+        self.device = spec.device
+        self.dtype = spec.dtype
+        self.hf_config = spec.hf_config
+        self.quant_config = spec.quant_config
+        self.max_model_len = spec.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or spec.model_dir)
+        self.eos_token_ids = spec.eos_token_ids(self.tokenizer)
+        self.runner = spec.build_runner()
+        self.broadcast = broadcast
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.batched_tokens_limit,
             config.enable_chunked_prefill,
+        )  # fmt: skip
+        self.limits = RequestLimits(
+            vocab_size=self.hf_config.vocab_size, max_model_len=self.max_model_len,
+            num_cache_tokens=self.runner.num_blocks * config.block_size,
+            block_size=config.block_size, max_num_batched_tokens=config.batched_tokens_limit,
+            enable_chunked_prefill=config.enable_chunked_prefill,
         )  # fmt: skip
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._seq_ids = itertools.count()
 
-    def _max_model_len(self) -> int:
-        limit = getattr(self.hf_config, "max_position_embeddings", None) or 2048
-        if self.config.max_model_len is None:
-            return limit
-        if self.config.max_model_len > limit:
-            raise ValueError(
-                f"max_model_len {self.config.max_model_len} exceeds the model's "
-                f"max_position_embeddings ({limit})"
-            )
-        return self.config.max_model_len
-
-    def _eos_token_ids(self, model_dir) -> frozenset[int]:
-        ids: set[int] = set()
-        try:
-            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            pass
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return frozenset(ids)
-
     # Requests.
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never run."""
-        if not prompt_token_ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.hf_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt_token_ids must be in [0, {vocab})")
-        num = len(prompt_token_ids)
-        if num >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {num} tokens, which leaves no room to generate within "
-                f"max_model_len ({self.max_model_len})"
-            )
-        if not self.config.enable_chunked_prefill and num > self.config.batched_tokens_limit:
-            raise ValueError(
-                f"prompt is {num} tokens, more than max_num_batched_tokens "
-                f"({self.config.batched_tokens_limit}) with chunked prefill off"
-            )
-        total = min(num + (params.max_tokens or self.max_model_len), self.max_model_len)
-        if self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens ({total} tokens) needs more KV cache than exists "
-                f"({self.block_manager.num_blocks * self.config.block_size} tokens)"
-            )
+        validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(
         self,
@@ -187,7 +130,7 @@ class LLMEngine:
         for s in schedule.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
-        result = self.runner.execute(schedule, self.generator)
+        result = self.runner.execute(schedule, self.generator, self.broadcast)
         for s in schedule.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
         return self._postprocess(result)
