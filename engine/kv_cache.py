@@ -45,7 +45,8 @@ def determine_num_blocks(
     profile_run: Callable[[], None],
 ) -> int:
     """The number of KV cache blocks: an explicit count, an explicit byte budget, or on GPU what
-    gpu_memory_utilization leaves after weights and the peak activations of a profiling step."""
+    gpu_memory_utilization leaves after weights and the peak activations of a profiling step;
+    never more than max_num_seqs sequences of max_model_len tokens can use."""
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     per_block = block_bytes(model, config.block_size, dtype)
@@ -67,7 +68,8 @@ def determine_num_blocks(
         )  # fmt: skip
     else:
         return min(CPU_DEFAULT_KV_BYTES // per_block, max_useful)
-    num_blocks = budget // per_block
+    # No more blocks than max_num_seqs sequences of max_model_len tokens can ever use.
+    num_blocks = min(budget // per_block, max_useful)
     if num_blocks < 1:
         raise ValueError(
             f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); raise "

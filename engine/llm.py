@@ -51,12 +51,21 @@ class LLM:
             device=device, **engine_args,
         )  # fmt: skip
         if config.tensor_parallel_size > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 needs the Ray worker group")
-        self.llm_engine = LLMEngine(config)
+            # One Ray actor per rank (a local Ray starts when none is running).
+            from workers.group_engine import GroupEngine
+
+            self.llm_engine = GroupEngine(config)
+        else:
+            self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the worker group, if there is one."""
+        if hasattr(self.llm_engine, "shutdown"):
+            self.llm_engine.shutdown()
 
     def generate(
         self,

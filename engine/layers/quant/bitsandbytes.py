@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from engine.config import DTYPES
+from engine.distributed import get_tp_group
 from engine.layers.quant.base import (
     LinearMethod,
     QuantizationConfig,
@@ -234,10 +235,13 @@ class BitsAndBytesLinearMethod(LinearMethod):
         else:
             if not hasattr(loaded, "is_floating_point") or not loaded.is_floating_point():
                 raise ValueError(f"{layer.prefix}: expected a 16/32-bit weight to quantize")
-            # Quantize this rank's slice of each checkpoint tensor on its own, as transformers
-            # does per module: double-quant statistics then match theirs exactly.
+            # Each checkpoint tensor is quantized on its own, as transformers does per module.
             source = shard.narrow(loaded).to(layer.qweight.device, layer.params_dtype)
             data, absmax = self._quantize(source.contiguous())
+            if self.config.bnb_4bit_use_double_quant:
+                absmax = _double_quantized(
+                    absmax, shard, loaded.shape, self.config.bnb_4bit_blocksize
+                )
         dst_start = shard.dst_row * layer.shape[1]
         layer.qweight.data.narrow(0, dst_start // 2, data.numel()).copy_(data)
         block = self.config.bnb_4bit_blocksize
@@ -247,13 +251,9 @@ class BitsAndBytesLinearMethod(LinearMethod):
         packed, state = bnbF.quantize_4bit(
             weight,
             blocksize=self.config.bnb_4bit_blocksize,
-            compress_statistics=self.config.bnb_4bit_use_double_quant,
             quant_type=self.config.bnb_4bit_quant_type,
         )
-        absmax = state.absmax
-        if state.nested:
-            absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        return packed.reshape(-1), absmax.float().reshape(-1)
+        return packed.reshape(-1), state.absmax.float().reshape(-1)
 
     def _check_format(self, layer: nn.Module, loaded: Packed4bitWeight) -> None:
         expected = (self.config.bnb_4bit_quant_type, self.config.bnb_4bit_blocksize)
@@ -313,3 +313,46 @@ def _narrow_packed(
     absmax = loaded.absmax.view(out_size, in_size // block)
     absmax = absmax.narrow(1, shard.src_start // block, shard.size // block)
     return data.reshape(-1), absmax.reshape(-1)
+
+
+_NESTED_BLOCKSIZE = 256  # what bitsandbytes uses to quantize the statistics
+
+
+def _double_quantized(
+    absmax: torch.Tensor, shard: WeightShard, full_shape: torch.Size, blocksize: int
+) -> torch.Tensor:
+    """Block statistics after double quantization and de-nesting, exactly as bitsandbytes gives
+    them for the whole checkpoint tensor (offset = mean of all its absmax, 8-bit blocks of 256).
+
+    A rank holds only its shard's statistics, so with tensor parallelism the ranks gather the
+    whole tensor's (1/blocksize of the weights), quantize them as one, and keep their own part:
+    every rank then holds what a single rank would."""
+    tp = get_tp_group()
+    out_size, in_size = full_shape
+    aligned = (
+        shard.src_start * (in_size if shard.dim == 0 else 1) % blocksize == 0
+        and shard.size * (in_size if shard.dim == 0 else out_size) % blocksize == 0
+        and (shard.dim == 0 or in_size % blocksize == 0)
+    )
+    if tp.size == 1 or not aligned:
+        return _nest_and_denest(absmax)
+    parts = tp.all_gather(absmax.unsqueeze(0), dim=0)
+    starts = tp.all_gather(torch.tensor([shard.src_start], device=absmax.device), dim=0).tolist()
+    order = sorted(set(starts))  # replicated shards (KV heads) appear once
+    unique = [parts[starts.index(s)] for s in order]
+    if shard.dim == 0:
+        whole = torch.cat(unique)
+    else:
+        whole = torch.cat([p.view(out_size, -1) for p in unique], dim=1).reshape(-1)
+    denested = _nest_and_denest(whole)
+    mine = order.index(shard.src_start)
+    if shard.dim == 0:
+        return denested.narrow(0, mine * absmax.numel(), absmax.numel())
+    cols = absmax.numel() // out_size
+    return denested.view(out_size, -1).narrow(1, mine * cols, cols).reshape(-1)
+
+
+def _nest_and_denest(absmax: torch.Tensor) -> torch.Tensor:
+    offset = absmax.mean()
+    nested, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=_NESTED_BLOCKSIZE)
+    return bnbF.dequantize_blockwise(nested, state2) + offset

@@ -1,0 +1,118 @@
+"""Tensor parallelism across real Ray actors over gloo (CPU): same tokens as one rank."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+import torch
+from checkpoints import bnb_config, build_model, prequantize
+from conftest import PROMPTS
+
+from engine import LLM, SamplingParams
+from workers import WorkerGroupError
+
+MAX_NEW = 8
+# Max abs difference of first-token log-probabilities, TP=2 vs TP=1, float32. Pre-quantized
+# shards are exact slices (only the all-reduce order differs); in flight, each rank quantizes
+# its own slice, so double-quant statistics (offset and 8-bit absmax) differ a little.
+TOLERANCE = {"prequant": 1e-4, "inflight": 0.05}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _generate(llm: LLM, vocab: int):
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=vocab)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    first = torch.tensor(
+        [[o.outputs[0].logprobs[0][t].logprob for t in range(vocab)] for o in outputs]
+    )
+    return tokens, first
+
+
+def _compare(path, mode: str, **kwargs) -> None:
+    args = dict(model=str(path), dtype="float32", **kwargs)
+    if mode == "inflight":
+        args |= dict(
+            quantization="bitsandbytes", quantization_config={"bnb_4bit_compute_dtype": "float32"}
+        )
+    one = LLM(**args)
+    vocab = one.llm_engine.hf_config.vocab_size
+    tokens_1, logprobs_1 = _generate(one, vocab)
+    two = LLM(**args, tensor_parallel_size=2)
+    try:
+        tokens_2, logprobs_2 = _generate(two, vocab)
+    finally:
+        two.shutdown()
+    assert tokens_2 == tokens_1
+    assert (logprobs_2 - logprobs_1).abs().max().item() < TOLERANCE[mode]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["inflight", "prequant"])
+def test_tp2_matches_tp1(checkpoints, family, mode):
+    path = checkpoints(f"{family}-nf4-dq") if mode == "prequant" else checkpoints(family)
+    _compare(path, mode)
+
+
+def test_tp2_with_one_kv_head_replicates_it(tmp_path):
+    path = build_model(tmp_path / "mqa", num_key_value_heads=1)
+    prequant = prequantize(path, tmp_path / "mqa-nf4-dq", bnb_config("nf4", True))
+    _compare(prequant, "prequant")
+
+
+def test_prequantized_split_off_block_boundary_is_a_clear_error(tmp_path):
+    # down_proj's input (intermediate_size 160) splits into 80 columns per rank: not whole
+    # 64-value blocks, so the packed weight cannot be sliced exactly.
+    path = build_model(tmp_path / "odd", intermediate_size=160)
+    prequant = prequantize(path, tmp_path / "odd-nf4", bnb_config("nf4", False))
+    with pytest.raises(ValueError, match=r"mlp\.down_proj.*not aligned to its 64-value blocks"):
+        LLM(model=str(prequant), tensor_parallel_size=2)
+
+
+def test_invalid_sizes_fail_fast(checkpoints, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*num_attention_heads \(4\)"):
+        LLM(model=str(checkpoints("llama")), tensor_parallel_size=3)
+    wide = build_model(tmp_path / "wide", num_attention_heads=8, num_key_value_heads=8)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 needs 8 CPUs.*has 4"):
+        LLM(model=str(wide), tensor_parallel_size=8)
+    assert time.monotonic() - start < 10
+
+
+def test_killed_worker_ends_requests_with_an_error_and_group_rebuilds(checkpoints):
+    path = str(checkpoints("llama"))
+    llm = LLM(model=path, quantization="bitsandbytes", tensor_parallel_size=2)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    engine.add_request("long", PROMPTS[2], params)
+    engine.add_request("waiting", PROMPTS[0], params)
+    while not engine.step():  # first outputs: both requests are running
+        pass
+    ray.kill(engine.group.workers[1], no_restart=True)
+    start = time.monotonic()
+    with pytest.raises(WorkerGroupError, match="rank 1 is down"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert time.monotonic() - start < 30
+    assert not engine.has_unfinished_requests() and not engine.group.healthy
+    with pytest.raises(WorkerGroupError):
+        llm.generate(PROMPTS[:1], use_tqdm=False)
+    llm.shutdown()
+    rebuilt = LLM(model=path, quantization="bitsandbytes", tensor_parallel_size=2)
+    try:
+        out = rebuilt.generate(
+            PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False
+        )
+        assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+    finally:
+        rebuilt.shutdown()

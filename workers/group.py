@@ -1,0 +1,174 @@
+"""A model replica's worker group: a placement group, one Worker actor per rank, their lifecycle,
+and their health."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from transformers import AutoConfig
+
+from engine.config import EngineConfig
+from engine.model_files import resolve_model_dir
+from workers.messages import AbortRequest, AddRequest, OutputBatch, WorkerInfo
+from workers.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+# Kept in the workers' environment: NCCL and PyTorch settings of the host (e.g. NVLink
+# multicast off) must reach the processes that run collectives.
+_PASSED_ENV_PREFIXES = ("NCCL_", "TORCH_", "NVSHMEM_", "CUDA_", "HF_")
+
+
+class PlacementStrategy(str, enum.Enum):
+    STRICT_PACK = "STRICT_PACK"  # all ranks on one node (the default: NVLink, shared memory)
+    PACK = "PACK"  # one node if possible, else several
+    SPREAD = "SPREAD"  # across nodes
+
+
+class WorkerGroupError(RuntimeError):
+    """The group cannot serve: a worker died or a step failed."""
+
+
+def check_tensor_parallel_size(config: EngineConfig) -> None:
+    """Fail before anything starts if the model cannot be split tensor_parallel_size ways."""
+    size = config.tensor_parallel_size
+    hf = AutoConfig.from_pretrained(resolve_model_dir(config.model, config.revision))
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    problems = []
+    if heads % size:
+        problems.append(f"num_attention_heads ({heads}) is not divisible by it")
+    if kv_heads % size and size % kv_heads:
+        problems.append(f"num_key_value_heads ({kv_heads}) neither divides nor is divisible by it")
+    if hf.intermediate_size % size:
+        problems.append(f"intermediate_size ({hf.intermediate_size}) is not divisible by it")
+    if problems:
+        raise ValueError(
+            f"tensor_parallel_size={size} does not fit this model: " + "; ".join(problems)
+        )
+
+
+class WorkerGroup:
+    def __init__(
+        self,
+        config: EngineConfig,
+        placement_strategy: PlacementStrategy = PlacementStrategy.STRICT_PACK,
+        use_gpu: bool | None = None,
+        num_cpus_per_worker: float = 1.0,
+        ready_timeout_s: float = 600.0,
+    ) -> None:
+        self.config = config
+        size = config.tensor_parallel_size
+        check_tensor_parallel_size(config)
+        if not ray.is_initialized():
+            ray.init()
+        resources = ray.cluster_resources()
+        if use_gpu is None:
+            use_gpu = resources.get("GPU", 0) > 0 and config.device in (None, "cuda")
+        unit, have = (
+            ("GPU", resources.get("GPU", 0)) if use_gpu else ("CPU", resources.get("CPU", 0))
+        )
+        need = size * (1 if use_gpu else num_cpus_per_worker)
+        if have < need:
+            raise ValueError(
+                f"tensor_parallel_size={size} needs {need:g} {unit}s; the Ray cluster has {have:g}"
+            )
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": num_cpus_per_worker}
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(size)], strategy=placement_strategy.value
+        )
+        try:
+            ray.get(self.placement_group.ready(), timeout=ready_timeout_s)
+        except GetTimeoutError as e:
+            remove_placement_group(self.placement_group)
+            raise ValueError(
+                f"could not place {size} workers ({bundle} each, {placement_strategy.value}) "
+                f"within {ready_timeout_s:.0f} s"
+            ) from e
+        env = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV_PREFIXES)}
+        actor_cls = ray.remote(Worker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                max_concurrency=4,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+                runtime_env={"env_vars": env},
+            ).remote(i, size, config)  # fmt: skip
+            for i in range(size)
+        ]
+        self.healthy = True
+        try:
+            addr, port = ray.get(self.workers[0].address.remote())
+            infos = _unwrap(lambda: ray.get([w.init.remote(addr, port) for w in self.workers]))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.info: WorkerInfo = infos[0]
+        # Long-running calls: each resolves only when its loop ends, so a resolved one means a
+        # worker stopped (or died).
+        self._loops = [self.workers[0].run_loop.remote()]
+        self._loops += [w.follow.remote() for w in self.workers[1:]]
+        logger.info("worker group of %d ranks ready (%s)", size, unit)
+
+    def submit(self, messages: list[AddRequest | AbortRequest]) -> None:
+        self._check_health()
+        self.workers[0].submit.remote(messages)
+
+    def poll(self, timeout_s: float = 0.1) -> OutputBatch:
+        """Outputs since the last poll. Raises WorkerGroupError once any worker has died."""
+        self._check_health()
+        try:
+            batch = ray.get(self.workers[0].poll.remote(timeout_s), timeout=timeout_s + 30)
+        except (RayActorError, GetTimeoutError) as e:
+            self._fail(f"rank 0 stopped answering: {e}")
+        if batch.error:
+            self._fail(f"a step failed on rank 0:\n{batch.error}")
+        self._check_health()
+        return batch
+
+    def _check_health(self) -> None:
+        if not self.healthy:
+            raise WorkerGroupError("the worker group is down")
+        done, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        if done:
+            rank = self._loops.index(done[0])
+            try:
+                ray.get(done[0])
+                reason = "its loop ended"
+            except Exception as e:  # noqa: BLE001 - any failure of the worker is reported
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            self._fail(f"worker rank {rank} is down ({reason})")
+
+    def _fail(self, reason: str) -> None:
+        self.healthy = False
+        logger.error("worker group unhealthy: %s", reason)
+        raise WorkerGroupError(f"the worker group is down: {reason}")
+
+    def shutdown(self) -> None:
+        """Stop every worker and free the placement group; a new group can then be built."""
+        self.healthy = False
+        for worker in getattr(self, "workers", []):
+            ray.kill(worker, no_restart=True)
+        if getattr(self, "placement_group", None) is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+        time.sleep(0)  # let Ray process the kills before a rebuild reuses the resources
+
+
+def _unwrap(call):
+    """Re-raise a worker's ValueError (bad model, bad size) as itself, not as a Ray error."""
+    try:
+        return call()
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, ValueError):
+            raise ValueError(str(cause)) from None
+        raise

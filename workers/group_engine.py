@@ -1,0 +1,74 @@
+"""The engine interface of LLMEngine (add_request, step, abort_request, ...) over a worker group,
+for drivers in another process: the offline LLM with tensor_parallel_size > 1, and Serve."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from engine.config import EngineConfig
+from engine.model_files import resolve_model_dir
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.validation import validate_request
+from workers.group import PlacementStrategy, WorkerGroup
+from workers.messages import AbortRequest, AddRequest
+
+
+class GroupEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        placement_strategy: PlacementStrategy = PlacementStrategy.STRICT_PACK,
+        poll_timeout_s: float = 0.05,
+    ) -> None:
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            config.tokenizer or resolve_model_dir(config.model, config.revision)
+        )
+        self.group = WorkerGroup(config, placement_strategy)
+        self.limits = self.group.info.limits
+        self.max_model_len = self.limits.max_model_len
+        self.poll_timeout_s = poll_timeout_s
+        self.unfinished: set[str] = set()
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        validate_request(prompt_token_ids, params, self.limits)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        if prompt_token_ids is None:
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        self.validate_prompt(prompt_token_ids, params)
+        self.unfinished.add(request_id)
+        self.group.submit([AddRequest(request_id, prompt, list(prompt_token_ids), params)])
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self.unfinished:
+            self.group.submit([AbortRequest(request_id)])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.unfinished)
+
+    def step(self) -> list[RequestOutput]:
+        """Outputs that arrived since the last call (waits briefly when there are none). Raises
+        WorkerGroupError, and forgets every unfinished request, when the group is down."""
+        try:
+            batch = self.group.poll(self.poll_timeout_s)
+        except Exception:
+            self.unfinished.clear()
+            raise
+        for request_id, reason in batch.rejected:
+            self.unfinished.discard(request_id)
+            raise ValueError(f"request {request_id} was rejected: {reason}")
+        for output in batch.outputs:
+            if output.finished:
+                self.unfinished.discard(output.request_id)
+        return batch.outputs
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
