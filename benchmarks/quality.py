@@ -1,6 +1,7 @@
-"""What 4-bit quantization costs in quality: held-out perplexity of the demo model in bf16, in-flight
-NF4, NF4 + double quant, FP4, and a pre-quantized copy (written by `python -m engine.quantize`),
-each computed by nibble's engine and by transformers (+ bitsandbytes) on the same tokens.
+"""What 4-bit quantization costs in quality: held-out perplexity of the demo model in bf16,
+in-flight NF4, NF4 + double quant, FP4, and a pre-quantized copy (written by
+`python -m engine.quantize`), each computed by nibble's engine and by transformers (+ bitsandbytes)
+on the same tokens.
 
     python benchmarks/quality.py --corpus .corpus --out benchmarks/results/quality_demo_model.json
 """
