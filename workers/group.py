@@ -134,6 +134,18 @@ class WorkerGroup:
         self._check_health()
         return batch
 
+    async def poll_async(self, timeout_s: float = 0.1) -> OutputBatch:
+        """poll() for asyncio callers (the Serve model server)."""
+        self._check_health()
+        try:
+            batch = await self.workers[0].poll.remote(timeout_s)
+        except RayActorError as e:
+            self._fail(f"rank 0 stopped answering: {e}")
+        if batch.error:
+            self._fail(f"a step failed on rank 0:\n{batch.error}")
+        self._check_health()
+        return batch
+
     def _check_health(self) -> None:
         if not self.healthy:
             raise WorkerGroupError("the worker group is down")

@@ -1,0 +1,33 @@
+"""The Serve entry point: `import_path: deployments.app:build_app`."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.config import AppArgs, ModelArgs
+from deployments.ingress import OpenAIIngress
+from deployments.server import ModelServer
+
+
+def _server_options(model: ModelArgs) -> dict:
+    d = model.deployment
+    options = {
+        "name": f"model:{model.name}",
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "ray_actor_options": {"num_cpus": d.num_cpus},
+        "health_check_period_s": 5,
+    }
+    if d.autoscaling_config is not None:
+        options["autoscaling_config"] = d.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        options["num_replicas"] = d.num_replicas or 1
+    return options
+
+
+def build_app(args: dict) -> Application:
+    """Validate the YAML `args` (unknown fields are rejected by name) and bind the app: one
+    ModelServer deployment per model behind one OpenAI ingress."""
+    app_args = AppArgs.model_validate(args)
+    servers = {m.name: ModelServer.options(**_server_options(m)).bind(m) for m in app_args.models}
+    return OpenAIIngress.bind(servers, app_args)

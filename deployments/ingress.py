@@ -1,0 +1,152 @@
+"""The OpenAI-compatible HTTP front: authentication, body limits, routing by model name, and
+errors in OpenAI's JSON shape."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppArgs
+from deployments.protocol import OpenAIError, bad_request
+
+logger = logging.getLogger(__name__)
+RETRY_AFTER_S = "1"
+app = FastAPI(title="nibble", docs_url=None, redoc_url=None)
+_OPEN_PATHS = {"/health", "/version"}
+
+
+def error_response(e: OpenAIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, servers: dict[str, DeploymentHandle], args: AppArgs) -> None:
+        self.servers = servers
+        self.args = args
+        self.api_keys = [k.encode() for k in args.api_keys]
+
+    # Shared checks.
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_keys or request.url.path in _OPEN_PATHS:
+            return
+        header = request.headers.get("authorization", "")
+        key = header.removeprefix("Bearer ").strip().encode()
+        if not header.startswith("Bearer ") or not any(
+            hmac.compare_digest(key, k) for k in self.api_keys
+        ):
+            raise OpenAIError(401, "invalid or missing API key", "authentication_error")
+
+    async def _body(self, request: Request) -> dict:
+        self._authorize(request)
+        length = request.headers.get("content-length")
+        limit = self.args.max_request_body_bytes
+        if length is not None and int(length) > limit:
+            raise OpenAIError(
+                413, f"request body is larger than {limit} bytes", "invalid_request_error"
+            )
+        raw = await request.body()
+        if len(raw) > limit:
+            raise OpenAIError(
+                413, f"request body is larger than {limit} bytes", "invalid_request_error"
+            )
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise bad_request("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body
+
+    def _server(self, body: dict) -> DeploymentHandle:
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise bad_request("model is required", "model")
+        if name not in self.servers:
+            raise OpenAIError(
+                404, f"the model `{name}` does not exist", "invalid_request_error", "model"
+            )
+        return self.servers[name]
+
+    async def _generate(self, request: Request, method: str):
+        try:
+            body = await self._body(request)
+            server = self._server(body)
+            stream = getattr(server, method).options(stream=True).remote(body)
+            head = await stream.__anext__()
+        except OpenAIError as e:
+            return error_response(e)
+        except BackPressureError:
+            return error_response(
+                OpenAIError(503, "the server is at capacity; retry shortly", "server_overloaded"),
+                {"Retry-After": RETRY_AFTER_S},
+            )
+        if head["status"] != 200:
+            return JSONResponse(head["error"], status_code=head["status"])
+        if head["stream"]:
+            return StreamingResponse(stream, media_type="text/event-stream")
+        result = await stream.__anext__()
+        if "error" in result and "status" in result:
+            return JSONResponse(result["error"], status_code=result["status"])
+        return JSONResponse(result)
+
+    # Routes.
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, "chat_completions")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except OpenAIError as e:
+            return error_response(e)
+        data = []
+        for name, server in self.servers.items():
+            info = await server.info.remote()
+            data.append({"id": name, "object": "model", "owned_by": "nibble", "created": 0} | info)
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health(self):
+        down = [name for name, server in self.servers.items() if not await server.healthy.remote()]
+        if down:
+            return JSONResponse({"status": "unhealthy", "down": down}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version(self):
+        try:
+            return {"version": version("nibble")}
+        except PackageNotFoundError:
+            return {"version": "unknown"}
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._tokenizer_call(request, "tokenize")
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._tokenizer_call(request, "detokenize")
+
+    async def _tokenizer_call(self, request: Request, method: str):
+        try:
+            body = await self._body(request)
+            return await getattr(self._server(body), method).remote(body)
+        except OpenAIError as e:
+            return error_response(e)

@@ -1,0 +1,144 @@
+"""One model's Serve deployment: owns a worker group and streams engine outputs to requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from ray import serve
+from transformers import AutoTokenizer
+
+from deployments.config import ModelArgs
+from deployments.openai_serving import OpenAIServing
+from deployments.protocol import OpenAIError, bad_request
+from engine.model_files import resolve_model_dir
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.validation import validate_request
+from workers.group import PlacementStrategy, WorkerGroup, WorkerGroupError
+from workers.messages import AbortRequest, AddRequest
+
+logger = logging.getLogger(__name__)
+POLL_TIMEOUT_S = 0.05
+
+
+@serve.deployment
+class ModelServer:
+    """Requests arrive from the ingress; one background task moves output batches from the worker
+    group's rank 0 to each request's queue. A request whose caller goes away is aborted, which
+    frees its KV blocks at once."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.args = args
+        config = args.engine_config()
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            config.tokenizer or resolve_model_dir(config.model, config.revision)
+        )
+        self.group = WorkerGroup(config, PlacementStrategy(args.placement_strategy))
+        self.limits = self.group.info.limits
+        self.serving = OpenAIServing(args.name, self.tokenizer, self.limits, self.generate)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wakeup = asyncio.Event()
+        self._pump_task: asyncio.Task | None = None
+
+    # Engine side.
+
+    def _ensure_pump(self) -> None:
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        while True:
+            if not self._queues:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                batch = await self.group.poll_async(POLL_TIMEOUT_S)
+            except WorkerGroupError as e:
+                for queue in self._queues.values():
+                    queue.put_nowait(e)
+                self._queues.clear()
+                return
+            for request_id, reason in batch.rejected:
+                if (queue := self._queues.get(request_id)) is not None:
+                    queue.put_nowait(bad_request(reason))
+            for output in batch.outputs:
+                if (queue := self._queues.get(output.request_id)) is not None:
+                    queue.put_nowait(output)
+
+    async def generate(
+        self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; aborts it if the caller stops listening."""
+        try:
+            validate_request(prompt_token_ids, params, self.limits)
+        except ValueError as e:
+            raise bad_request(str(e), "prompt") from None
+        if not self.group.healthy:
+            raise OpenAIError(503, "the model's workers are down", "service_unavailable")
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._ensure_pump()
+        self._wakeup.set()
+        finished = False
+        try:
+            self.group.submit([AddRequest(request_id, prompt, prompt_token_ids, params)])
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, WorkerGroupError):
+                    raise OpenAIError(
+                        503, f"the model's workers failed: {item}", "service_unavailable"
+                    )
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self.group.healthy:
+                self.group.submit([AbortRequest(request_id)])
+
+    # What the ingress calls. Each streams: first a head ({"status": ...}), then the body.
+
+    async def completions(self, body: dict) -> AsyncIterator[object]:
+        async for item in self.serving.run(self.serving.completions, body):
+            yield item
+
+    async def chat_completions(self, body: dict) -> AsyncIterator[object]:
+        async for item in self.serving.run(self.serving.chat_completions, body):
+            yield item
+
+    async def tokenize(self, body: dict) -> dict:
+        return self.serving.tokenize(body)
+
+    async def detokenize(self, body: dict) -> dict:
+        return self.serving.detokenize(body)
+
+    async def info(self) -> dict:
+        return {
+            "id": self.args.name,
+            "max_model_len": self.limits.max_model_len,
+            "root": self.args.model,
+        }
+
+    async def healthy(self) -> bool:
+        try:
+            self.group._check_health()
+        except WorkerGroupError:
+            return False
+        return True
+
+    def check_health(self) -> None:
+        """Serve's replica health check: a dead worker group makes Serve replace this replica
+        (whose new worker group then loads from scratch)."""
+        if not self.group.healthy:
+            raise RuntimeError("the worker group is down")
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()
