@@ -40,21 +40,37 @@ def decode_rate(llm: LLM, batch: int, output_len: int, vocab: int) -> float:
     return batch * output_len / (time.perf_counter() - start)
 
 
-def run_engine(model: Path, tp: int, inflight: bool, batches: list[int], output_len: int) -> dict:
+def run_engine(
+    model: Path, tp: int, inflight: bool, batches: list[int], output_len: int, dtype: str
+) -> dict:
     start = time.perf_counter()
-    kwargs = {"quantization": "bitsandbytes"} if inflight else {}
-    llm = LLM(model=str(model), tensor_parallel_size=tp, gpu_memory_utilization=0.4, **kwargs)
+    kwargs = {}
+    if inflight:  # compute in the activation dtype (for float32: only summation order differs)
+        kwargs = {
+            "quantization": "bitsandbytes",
+            "quantization_config": {"bnb_4bit_compute_dtype": dtype},
+        }
+    llm = LLM(
+        model=str(model), tensor_parallel_size=tp, gpu_memory_utilization=0.4, dtype=dtype, **kwargs
+    )
     load_s = time.perf_counter() - start
     vocab = llm.llm_engine.limits.vocab_size
     prompts = ["The quick brown fox", "Hello world", "def add(a, b):", "Paged attention keeps"]
-    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=20)
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in outputs]
+    first = [{t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in outputs]
     rates = {str(b): decode_rate(llm, b, output_len, vocab) for b in batches}
     llm.shutdown()
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return {"load_s": load_s, "greedy_tokens": tokens, "decode_tok_s": rates}
+    return {
+        "load_s": load_s,
+        "greedy_tokens": tokens,
+        "first_logprobs": first,
+        "decode_tok_s": rates,
+    }
 
 
 def _collectives(
@@ -115,9 +131,13 @@ def main() -> None:
     parser.add_argument("--prequantized", type=Path, required=True, help="its bnb 4-bit copy")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--check-only", action="store_true", help="tokens and logprobs, no timing")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    comm = measure_collectives(args.batch_sizes)
+    if args.check_only:
+        args.batch_sizes = []
+    comm = {} if args.check_only else measure_collectives(args.batch_sizes)
     result = {
         "benchmark": "tp_decode", "model": "llama2-7b shape, random weights",
         "prompt_len": PROMPT_LEN, "output_len": args.output_len,
@@ -128,7 +148,7 @@ def main() -> None:
         ("inflight", args.model, True),
     ):
         for tp in (2, 1):
-            run = run_engine(path, tp, inflight, args.batch_sizes, args.output_len)
+            run = run_engine(path, tp, inflight, args.batch_sizes, args.output_len, args.dtype)
             result["runs"][f"{mode}-tp{tp}"] = run
             print(
                 mode,
@@ -136,21 +156,25 @@ def main() -> None:
                 json.dumps({k: v for k, v in run.items() if k != "greedy_tokens"}),
                 flush=True,
             )
-        same = (
-            result["runs"][f"{mode}-tp2"]["greedy_tokens"]
-            == result["runs"][f"{mode}-tp1"]["greedy_tokens"]
+        one, two = result["runs"][f"{mode}-tp1"], result["runs"][f"{mode}-tp2"]
+        same = one["greedy_tokens"] == two["greedy_tokens"]
+        diff = max(
+            abs(a[t] - b[t])
+            for a, b in zip(one["first_logprobs"], two["first_logprobs"], strict=True)
+            for t in a.keys() & b.keys()
         )
         result[f"{mode}_tp2_tokens_equal_tp1"] = same
-        print(mode, "TP=2 greedy tokens equal TP=1:", same, flush=True)
+        result[f"{mode}_tp2_max_first_logprob_diff"] = diff
+        print(mode, "TP=2 tokens equal TP=1:", same, "max first-token logprob diff:", diff)
     for mode in ("prequantized", "inflight"):
-        for b in map(str, args.batch_sizes):
+        for b in map(str, args.batch_sizes if comm else []):
             rate = result["runs"][f"{mode}-tp2"]["decode_tok_s"][b]
             step_ms = 1e3 * int(b) / rate
             comm_ms = comm[b]["communication_per_step_ms"]
             result.setdefault("tp2_step_split", {})[f"{mode}-batch{b}"] = {
                 "step_ms": step_ms, "communication_ms": comm_ms, "compute_ms": step_ms - comm_ms,
             }  # fmt: skip
-    print(json.dumps(result["tp2_step_split"], indent=1))
+    print(json.dumps(result.get("tp2_step_split"), indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
