@@ -125,9 +125,12 @@ class ModelServer:
             "root": self.args.model,
         }
 
+    async def stats(self) -> dict[str, int]:
+        return await self.group.workers[0].stats.remote()
+
     async def healthy(self) -> bool:
         try:
-            self.group._check_health()
+            self.group.check_health()
         except WorkerGroupError:
             return False
         return True
@@ -135,8 +138,7 @@ class ModelServer:
     def check_health(self) -> None:
         """Serve's replica health check: a dead worker group makes Serve replace this replica
         (whose new worker group then loads from scratch)."""
-        if not self.group.healthy:
-            raise RuntimeError("the worker group is down")
+        self.group.check_health()
 
     def __del__(self) -> None:
         group = getattr(self, "group", None)

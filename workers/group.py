@@ -119,34 +119,34 @@ class WorkerGroup:
         logger.info("worker group of %d ranks ready (%s)", size, unit)
 
     def submit(self, messages: list[AddRequest | AbortRequest]) -> None:
-        self._check_health()
+        self.check_health()
         self.workers[0].submit.remote(messages)
 
     def poll(self, timeout_s: float = 0.1) -> OutputBatch:
         """Outputs since the last poll. Raises WorkerGroupError once any worker has died."""
-        self._check_health()
+        self.check_health()
         try:
             batch = ray.get(self.workers[0].poll.remote(timeout_s), timeout=timeout_s + 30)
         except (RayActorError, GetTimeoutError) as e:
             self._fail(f"rank 0 stopped answering: {e}")
         if batch.error:
             self._fail(f"a step failed on rank 0:\n{batch.error}")
-        self._check_health()
+        self.check_health()
         return batch
 
     async def poll_async(self, timeout_s: float = 0.1) -> OutputBatch:
         """poll() for asyncio callers (the Serve model server)."""
-        self._check_health()
+        self.check_health()
         try:
             batch = await self.workers[0].poll.remote(timeout_s)
         except RayActorError as e:
             self._fail(f"rank 0 stopped answering: {e}")
         if batch.error:
             self._fail(f"a step failed on rank 0:\n{batch.error}")
-        self._check_health()
+        self.check_health()
         return batch
 
-    def _check_health(self) -> None:
+    def check_health(self) -> None:
         if not self.healthy:
             raise WorkerGroupError("the worker group is down")
         done, _ = ray.wait(self._loops, num_returns=1, timeout=0)

@@ -147,5 +147,16 @@ class Worker:
                 self._rejected.append((message.request_id, str(e)))
                 self._has_output.notify_all()
 
+    def stats(self) -> dict[str, int]:
+        """Rank 0's engine state, for health pages and tests."""
+        engine = self.engine
+        return {
+            "num_unfinished_requests": len(engine.requests),
+            "num_running": len(engine.scheduler.running),
+            "num_waiting": len(engine.scheduler.waiting),
+            "num_free_blocks": engine.block_manager.num_free_blocks,
+            "num_blocks": engine.block_manager.num_blocks,
+        }
+
     def stop(self) -> None:
         self._stopping.set()
