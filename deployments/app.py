@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.serve import Application
 
 from deployments.config import AppArgs, ModelArgs
@@ -25,9 +27,20 @@ def _server_options(model: ModelArgs) -> dict:
     return options
 
 
+def _absolute_paths(model: ModelArgs) -> ModelArgs:
+    """Local model paths are relative to where `serve run` starts, not to the replicas."""
+    update = {}
+    for field in ("model", "tokenizer"):
+        value = getattr(model, field)
+        if value is not None and Path(value).exists():
+            update[field] = str(Path(value).resolve())
+    return model.model_copy(update=update) if update else model
+
+
 def build_app(args: dict) -> Application:
     """Validate the YAML `args` (unknown fields are rejected by name) and bind the app: one
     ModelServer deployment per model behind one OpenAI ingress."""
     app_args = AppArgs.model_validate(args)
+    app_args.models = [_absolute_paths(m) for m in app_args.models]
     servers = {m.name: ModelServer.options(**_server_options(m)).bind(m) for m in app_args.models}
     return OpenAIIngress.bind(servers, app_args)

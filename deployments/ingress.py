@@ -1,7 +1,6 @@
 """The OpenAI-compatible HTTP front: authentication, body limits, routing by model name, and
 errors in OpenAI's JSON shape."""
 
-
 import hmac
 import json
 import logging

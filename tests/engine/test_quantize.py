@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from checkpoints import bnb_config
 from conftest import PROMPTS
 from oracle import load_reference, log_softmax
 from safetensors.torch import load_file

@@ -84,7 +84,9 @@ def test_invalid_sizes_fail_fast(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*num_attention_heads \(4\)"):
         LLM(model=str(checkpoints("llama")), tensor_parallel_size=3)
     wide = build_model(tmp_path / "wide", num_attention_heads=8, num_key_value_heads=8)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 needs 8 [CG]PUs; the Ray cluster has [24]"):
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=8 needs 8 [CG]PUs; the Ray cluster has [24]"
+    ):
         LLM(model=str(wide), tensor_parallel_size=8)
     assert time.monotonic() - start < 10
 

@@ -1,0 +1,60 @@
+"""Starts the real Serve app from configs/*.yaml on a local Ray (CPU) for the API tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openai
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from deployments.app import build_app
+from workers.dist import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config_args(name: str) -> dict:
+    """The `args` of the first application in configs/<name>."""
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    return config["applications"][0]["args"]
+
+
+@pytest.fixture(scope="session")
+def serve_instance():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.chdir(ROOT)  # configs name the demo model relative to the repository root
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_instance):
+    """The two-model app (one of them tensor-parallel) at /."""
+    serve.run(build_app(config_args("cpu-two-models.yaml")), name="nibble", route_prefix="/")
+    return serve_instance
+
+
+@pytest.fixture(scope="session")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def secure_url(serve_instance):
+    """The demo model with API keys and a one-request capacity, at /secure."""
+    args = config_args("llama.yaml")
+    args["api_keys"] = ["sk-test-key"]
+    args["max_request_body_bytes"] = 4096
+    args["models"][0]["deployment"] = {
+        "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 0,
+    }  # fmt: skip
+    serve.run(build_app(args), name="secure", route_prefix="/secure")
+    return f"{serve_instance}/secure"
