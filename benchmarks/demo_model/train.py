@@ -26,6 +26,7 @@ CHAT_TEMPLATE = (
 )
 OPTIMIZER = "AdamW(betas 0.9, 0.95), warm-up then cosine decay to 10%, clip 1.0, bf16 autocast"
 SPECIAL = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+EVAL_EVERY = 100
 HYPER = dict(
     vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -118,6 +119,9 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(h["seed"])
     seq, losses, start = h["seq_len"], [], time.time()
+    # Early stopping: the corpus is small (a few million tokens), so keep the weights with the
+    # best held-out perplexity rather than the last ones.
+    best_ppl, best_step, best_state = float("inf"), -1, None
     for step in range(args.steps):
         starts = torch.randint(0, len(train_ids) - seq - 1, (h["batch_size"],), generator=generator)
         x = torch.stack([train_ids[s : s + seq] for s in starts]).to(device)
@@ -131,11 +135,19 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 100 == 0 or step == args.steps - 1:
-            losses.append((step, round(loss.item(), 4)))
-            print(f"step {step} loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
-    valid_ppl = evaluate(model, valid_ids, seq, device)
-    print(f"held-out perplexity (fp32/bf16 autocast): {valid_ppl:.2f}")
+        if step % EVAL_EVERY == 0 or step == args.steps - 1:
+            ppl = evaluate(model, valid_ids, seq, device)
+            losses.append((step, round(loss.item(), 4), round(ppl, 2)))
+            print(
+                f"step {step} loss {loss.item():.3f} valid ppl {ppl:.2f} ({time.time() - start:.0f} s)",
+                flush=True,
+            )
+            if ppl < best_ppl:
+                best_ppl, best_step = ppl, step
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    valid_ppl = best_ppl
+    print(f"kept step {best_step}: held-out perplexity {valid_ppl:.2f}")
     model = model.to(torch.bfloat16).cpu()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -146,7 +158,8 @@ def main() -> None:
         "hyper_parameters": h | {"steps": args.steps, "optimizer": OPTIMIZER},
         "train_tokens": len(train_ids), "valid_tokens": len(valid_ids),
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "losses": losses, "valid_perplexity": valid_ppl, "train_seconds": time.time() - start,
+        "losses (step, train loss, valid ppl)": losses, "kept_step": best_step,
+        "valid_perplexity": valid_ppl, "train_seconds": time.time() - start,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
     }  # fmt: skip
     (args.out / "training.json").write_text(json.dumps(record, indent=2))
