@@ -139,7 +139,8 @@ def main() -> None:
             ppl = evaluate(model, valid_ids, seq, device)
             losses.append((step, round(loss.item(), 4), round(ppl, 2)))
             print(
-                f"step {step} loss {loss.item():.3f} valid ppl {ppl:.2f} ({time.time() - start:.0f} s)",
+                f"step {step} loss {loss.item():.3f} valid ppl {ppl:.2f}",
+                f"({time.time() - start:.0f} s)",
                 flush=True,
             )
             if ppl < best_ppl:
