@@ -46,6 +46,8 @@ class DeploymentArgs(BaseModel):
 
     @model_validator(mode="after")
     def _one_scaling(self) -> DeploymentArgs:
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or a positive integer")
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
         return self

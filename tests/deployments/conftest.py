@@ -54,7 +54,7 @@ def secure_url(serve_instance):
     args["api_keys"] = ["sk-test-key"]
     args["max_request_body_bytes"] = 4096
     args["models"][0]["deployment"] = {
-        "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 0,
+        "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
     }  # fmt: skip
     serve.run(build_app(args), name="secure", route_prefix="/secure")
     return f"{serve_instance}/secure"

@@ -17,13 +17,14 @@ MODEL, TP_MODEL = "nibble-demo", "nibble-demo-tp2"
 PROMPT = "The Python interpreter"
 
 
-@pytest.fixture(scope="module")
-def offline(base_url):
-    """The same model through the offline API, for comparison."""
-    args = config_args("llama.yaml")["models"][0]
+def _offline(model: str) -> LLM:
+    """A served model's configuration, run through the offline API (one rank, in-process)."""
+    models = config_args("cpu-two-models.yaml")["models"]
+    args = next(m for m in models if m["served_model_name"] == model)
     return LLM(
-        model=args["model"], quantization="bitsandbytes", dtype="bfloat16", max_model_len=1024
-    )
+        model=args["model"], quantization="bitsandbytes", dtype=args["dtype"],
+        max_model_len=args["max_model_len"],
+    )  # fmt: skip
 
 
 def test_models_list(client):
@@ -32,16 +33,14 @@ def test_models_list(client):
     assert models[MODEL].max_model_len == 1024
 
 
-def test_greedy_text_matches_offline_and_tp2(client, offline):
-    expected = offline.generate(
-        [PROMPT], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False
-    )
-    expected = expected[0].outputs[0]
-    for model in (MODEL, TP_MODEL):
-        r = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
-        assert r.choices[0].text == expected.text
-        assert r.choices[0].finish_reason == expected.finish_reason
-        assert r.usage.completion_tokens == len(expected.token_ids)
+@pytest.mark.parametrize("model", [MODEL, TP_MODEL])
+def test_greedy_text_matches_offline(client, model):
+    params = SamplingParams(temperature=0, max_tokens=24)
+    expected = _offline(model).generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert r.choices[0].text == expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.completion_tokens == len(expected.token_ids)
 
 
 def test_completion_streamed_with_usage_equals_plain(client):
