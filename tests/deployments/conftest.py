@@ -23,7 +23,7 @@ def config_args(name: str) -> dict:
     return config["applications"][0]["args"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_instance():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.chdir(ROOT)  # configs name the demo model relative to the repository root
@@ -35,19 +35,19 @@ def serve_instance():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def base_url(serve_instance):
     """The two-model app (one of them tensor-parallel) at /."""
     serve.run(build_app(config_args("cpu-two-models.yaml")), name="nibble", route_prefix="/")
     return serve_instance
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(base_url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def secure_url(serve_instance):
     """The demo model with API keys and a one-request capacity, at /secure."""
     args = config_args("llama.yaml")

@@ -24,6 +24,8 @@ TOLERANCE = {"prequant": 1e-4, "inflight": 0.05}
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # another test module's cluster: start a fresh one of our own size
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
