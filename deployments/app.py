@@ -43,4 +43,5 @@ def build_app(args: dict) -> Application:
     app_args = AppArgs.model_validate(args)
     app_args.models = [_absolute_paths(m) for m in app_args.models]
     servers = {m.name: ModelServer.options(**_server_options(m)).bind(m) for m in app_args.models}
-    return OpenAIIngress.bind(servers, app_args)
+    ingress = OpenAIIngress.options(max_ongoing_requests=app_args.ingress_max_ongoing_requests)
+    return ingress.bind(servers, app_args)

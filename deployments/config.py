@@ -80,6 +80,12 @@ class AppArgs(BaseModel):
         default_factory=list, description="Accepted bearer keys; empty: no authentication."
     )
     max_request_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get 413.")
+    ingress_max_ongoing_requests: int = Field(
+        4096,
+        ge=1,
+        description="Requests the HTTP ingress holds at once (streams included); keep it above "
+        "the models' total capacity, or requests wait before they reach a model.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppArgs:
