@@ -53,15 +53,3 @@ def checkpoints(tmp_path_factory):
         return built[name]
 
     return get
-
-
-PROMPTS = [
-    "Hello world",
-    "The quick brown fox",
-    "Paged attention keeps keys and values in blocks of sixteen tokens each, and",
-    "def add(a, b):",
-    "Quantization stores each weight in",
-    "Numbers: 0 1 2 3 4 5 6 7 8 9",
-    "Bonjour le monde. Grüße aus Köln, naïve café",
-    "A",
-]

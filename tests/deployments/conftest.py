@@ -8,19 +8,13 @@ from pathlib import Path
 import openai
 import pytest
 import ray
-import yaml
 from ray import serve
+from serve_configs import config_args
 
 from deployments.app import build_app
 from workers.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def config_args(name: str) -> dict:
-    """The `args` of the first application in configs/<name>."""
-    config = yaml.safe_load((ROOT / "configs" / name).read_text())
-    return config["applications"][0]["args"]
 
 
 @pytest.fixture(scope="package")

@@ -8,8 +8,8 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import config_args
 from ray import serve
+from serve_configs import config_args
 
 from engine import LLM, SamplingParams
 

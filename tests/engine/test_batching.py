@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROMPTS
+from prompts import PROMPTS
 
 from engine import LLM, SamplingParams
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import bnb_config
-from conftest import PROMPTS
 from oracle import greedy, load_reference, log_softmax
+from prompts import PROMPTS
 
 from engine import LLM, SamplingParams
 

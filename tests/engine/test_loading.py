@@ -9,8 +9,8 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from checkpoints import prequantize
-from conftest import PROMPTS
 from oracle import greedy, load_reference
+from prompts import PROMPTS
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig
 

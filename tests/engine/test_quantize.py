@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import PROMPTS
 from oracle import load_reference, log_softmax
+from prompts import PROMPTS
 from safetensors.torch import load_file
 
 from engine import LLM, SamplingParams

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS
 from oracle import load_reference, log_softmax
+from prompts import PROMPTS
 from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams

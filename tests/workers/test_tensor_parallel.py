@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 from checkpoints import bnb_config, build_model, prequantize
-from conftest import PROMPTS
+from prompts import PROMPTS
 
 from engine import LLM, SamplingParams
 from workers import WorkerGroupError
