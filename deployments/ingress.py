@@ -4,6 +4,7 @@ errors in OpenAI's JSON shape."""
 import hmac
 import json
 import logging
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
@@ -13,12 +14,34 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppArgs
+from deployments.metrics import metric
 from deployments.protocol import OpenAIError, bad_request
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 app = FastAPI(title="nibble", docs_url=None, redoc_url=None)
 _OPEN_PATHS = {"/health", "/version"}
+
+
+_ROUTES = (
+    "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version",
+    "/tokenize", "/detokenize",
+)  # fmt: skip
+
+
+@app.middleware("http")
+async def record_http_metrics(request: Request, call_next):
+    """Requests by route and status, and their duration (for a stream: until it starts)."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    path = request.url.path
+    route = next((r for r in _ROUTES if path.endswith(r)), "other")  # bounded label values
+    tags = {"route": route, "status_code": str(response.status_code)}
+    metric("nibble_http_requests").inc(1, tags)
+    metric("nibble_http_request_duration_seconds").observe(
+        time.perf_counter() - start, {"route": route}
+    )
+    return response
 
 
 def error_response(e: OpenAIError, headers: dict | None = None) -> JSONResponse:

@@ -11,6 +11,7 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from deployments.config import ModelArgs
+from deployments.metrics import metric
 from deployments.openai_serving import OpenAIServing
 from deployments.protocol import OpenAIError, bad_request
 from engine.model_files import resolve_model_dir
@@ -36,7 +37,11 @@ class ModelServer:
         self.tokenizer = AutoTokenizer.from_pretrained(
             config.tokenizer or resolve_model_dir(config.model, config.revision)
         )
-        self.group = WorkerGroup(config, PlacementStrategy(args.placement_strategy))
+        replica = serve.get_replica_context().replica_tag
+        self.metrics_tags = {"model_name": args.name}
+        self.group = WorkerGroup(
+            config, PlacementStrategy(args.placement_strategy), metrics_labels=(args.name, replica)
+        )
         self.limits = self.group.info.limits
         self.serving = OpenAIServing(args.name, self.tokenizer, self.limits, self.generate)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -76,8 +81,10 @@ class ModelServer:
         try:
             validate_request(prompt_token_ids, params, self.limits)
         except ValueError as e:
+            self._count_error("invalid_request")
             raise bad_request(str(e), "prompt") from None
         if not self.group.healthy:
+            self._count_error("workers_down")
             raise OpenAIError(503, "the model's workers are down", "service_unavailable")
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
@@ -90,6 +97,7 @@ class ModelServer:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, WorkerGroupError):
+                    self._count_error("workers_down")
                     raise OpenAIError(
                         503, f"the model's workers failed: {item}", "service_unavailable"
                     )
@@ -101,6 +109,9 @@ class ModelServer:
             self._queues.pop(request_id, None)
             if not finished and self.group.healthy:
                 self.group.submit([AbortRequest(request_id)])
+
+    def _count_error(self, kind: str) -> None:
+        metric("nibble_request_errors").inc(1, self.metrics_tags | {"error": kind})
 
     # What the ingress calls. Each streams: first a head ({"status": ...}), then the body.
 

@@ -19,6 +19,7 @@ from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
+from engine.stats import FinishedStats, StepStats
 from engine.validation import RequestLimits, validate_request
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._seq_ids = itertools.count()
+        # Per-step figures for a metrics exporter (take_stats); off unless one asks for them.
+        self.collect_stats = False
+        self._stats = StepStats()
 
     # Requests.
 
@@ -111,10 +115,13 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        now = time.monotonic()
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+                if self.collect_stats:
+                    self._stats.finished.append(FinishedStats.of(seq, now))
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -122,18 +129,34 @@ class LLMEngine:
 
     # The step.
 
+    def take_stats(self) -> StepStats:
+        """What happened since the last call (steps' figures are those of the latest step)."""
+        stats, self._stats = self._stats, StepStats()
+        return stats
+
     def step(self) -> list[RequestOutput]:
         schedule = self.scheduler.schedule()
         if not schedule.scheduled:
             return []
-        now = time.monotonic()
+        start = now = time.monotonic()
         for s in schedule.scheduled:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
         result = self.runner.execute(schedule, self.generator, self.broadcast)
         for s in schedule.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-        return self._postprocess(result)
+        outputs = self._postprocess(result)
+        if not self.collect_stats:
+            return outputs
+        stats = self._stats
+        stats.step_seconds = time.monotonic() - start
+        stats.num_seqs = len(schedule.scheduled)
+        stats.num_tokens = schedule.num_tokens
+        stats.num_preempted += schedule.num_preempted
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.block_manager.usage
+        return outputs
 
     def _postprocess(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
@@ -143,8 +166,11 @@ class LLMEngine:
         for seq, token in result.sampled:
             seq.token_ids.append(token.token_id)
             seq.cumulative_logprob += token.logprob
+            if self.collect_stats:
+                self._record_token(seq, now)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            seq.last_token_time = now
             if token.top_logprobs is not None:
                 seq.output_logprobs.append(self._logprob_dict(token.top_logprobs))
             delta = self.detokenizer.step(seq)
@@ -153,12 +179,24 @@ class LLMEngine:
                 if not isinstance(seq.stop_reason, str):
                     self.detokenizer.flush(seq)
                 self.scheduler.finish(seq)
+                if self.collect_stats:
+                    self._stats.finished.append(FinishedStats.of(seq, now))
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 del self.requests[r.request_id]
         return outputs
+
+    def _record_token(self, seq: Sequence, now: float) -> None:
+        stats = self._stats
+        stats.num_generated_tokens += 1
+        if seq.first_token_time is None:
+            stats.time_to_first_token.append(now - seq.arrival_time)
+            if seq.index == 0:
+                stats.num_prompt_tokens += seq.num_prompt_tokens
+        else:
+            stats.inter_token_latency.append(now - seq.last_token_time)
 
     def _logprob_dict(self, entries: dict[int, tuple[float, int]]) -> dict[int, Logprob]:
         return {

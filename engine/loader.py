@@ -32,6 +32,7 @@ class LoadReport:
     weight_bytes: int
     weight_bytes_16bit: int  # the same model with every weight in 16 bits
     quantization: str  # "none" | "bitsandbytes-nf4-prequantized" | ...
+    quantization_seconds: float = 0.0  # time spent quantizing while loading
 
     @property
     def ratio_to_16bit(self) -> float:
@@ -86,6 +87,7 @@ def load_model(
         weight_bytes=_weight_bytes(model),
         weight_bytes_16bit=_weight_bytes_16bit(model),
         quantization=_describe(quant_config),
+        quantization_seconds=sum(getattr(m, "quantize_seconds", 0.0) for m in model.modules()),
     )
     logger.info(
         "loaded %s in %.1f s: weights %.3f GiB (%.2fx of %.3f GiB in 16-bit), quantization %s",

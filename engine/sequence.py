@@ -47,6 +47,7 @@ class Sequence:
     # Timestamps (seconds, time.monotonic) for metrics.
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

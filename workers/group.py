@@ -63,7 +63,9 @@ class WorkerGroup:
         use_gpu: bool | None = None,
         num_cpus_per_worker: float = 1.0,
         ready_timeout_s: float = 600.0,
+        metrics_labels: tuple[str, str] | None = None,
     ) -> None:
+        """metrics_labels: (model_name, replica) under which the workers export metrics."""
         self.config = config
         size = config.tensor_parallel_size
         check_tensor_parallel_size(config)
@@ -101,7 +103,7 @@ class WorkerGroup:
                 max_concurrency=4,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
                 runtime_env={"env_vars": env},
-            ).remote(i, size, config)  # fmt: skip
+            ).remote(i, size, config, metrics_labels)  # fmt: skip
             for i in range(size)
         ]
         self.healthy = True

@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import traceback
 
 import ray
@@ -21,6 +22,7 @@ from engine.llm_engine import LLMEngine
 from engine.model_spec import ModelSpec
 from engine.outputs import RequestOutput
 from workers.dist import broadcast_object, free_port, init_distributed
+from workers.engine_metrics import EngineMetrics
 from workers.messages import AbortRequest, AddRequest, OutputBatch, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,16 @@ _IDLE_WAIT_S = 0.05
 
 
 class Worker:
-    def __init__(self, rank: int, world_size: int, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        config: EngineConfig,
+        metrics_labels: tuple[str, str] | None = None,
+    ) -> None:
+        """metrics_labels: (model_name, replica) to export metrics under, or None for none."""
         self.rank = rank
+        self.metrics = EngineMetrics(*metrics_labels, tp_rank=rank) if metrics_labels else None
         self.world_size = world_size
         self.config = config
         self.engine: LLMEngine | None = None
@@ -56,10 +66,15 @@ class Worker:
             )
         if self.rank != 0:
             self.runner = ModelSpec.resolve(config).build_runner()
+            if self.metrics:
+                self.metrics.record_load(self.runner.load_report)
             return None
         broadcast = self._broadcast if self.world_size > 1 else None
         self.engine = LLMEngine(config, broadcast=broadcast)
         report = self.engine.runner.load_report
+        if self.metrics:
+            self.metrics.record_load(report)
+            self.engine.collect_stats = True
         return WorkerInfo(
             limits=self.engine.limits, num_blocks=self.engine.runner.num_blocks,
             load_seconds=report.load_seconds, weight_bytes=report.weight_bytes,
@@ -77,7 +92,10 @@ class Worker:
     def follow(self) -> None:
         """Run every step plan rank 0 broadcasts, until it broadcasts None."""
         while (plan := broadcast_object(None, self.cpu_group)) is not None:
+            start = time.perf_counter()
             self.runner.run(plan)
+            if self.metrics:
+                self.metrics.record_step_time(time.perf_counter() - start)
 
     # Rank 0.
 
@@ -99,14 +117,16 @@ class Worker:
         engine = self.engine
         try:
             while not self._stopping.is_set():
-                self._drain_inbox(block=not engine.has_unfinished_requests())
-                if not engine.has_unfinished_requests():
-                    continue
-                outputs = engine.step()
-                if outputs:
-                    with self._has_output:
-                        self._outbox.extend(outputs)
-                        self._has_output.notify_all()
+                busy = self._drain_inbox(block=not engine.has_unfinished_requests())
+                if engine.has_unfinished_requests():
+                    busy = True
+                    outputs = engine.step()
+                    if outputs:
+                        with self._has_output:
+                            self._outbox.extend(outputs)
+                            self._has_output.notify_all()
+                if busy and self.metrics:
+                    self.metrics.record_engine(engine.take_stats())
         except Exception:
             with self._has_output:
                 self._error = traceback.format_exc()
@@ -116,17 +136,18 @@ class Worker:
             if self.world_size > 1 and self._error is None:
                 self._broadcast(None)  # release the followers
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every waiting message; True if there was any."""
         try:
             message = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
-            return
+            return False
         while True:
             self._handle(message)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                return True
 
     def _handle(self, message: AddRequest | AbortRequest) -> None:
         engine = self.engine

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -237,11 +238,15 @@ class BitsAndBytesLinearMethod(LinearMethod):
                 raise ValueError(f"{layer.prefix}: expected a 16/32-bit weight to quantize")
             # Each checkpoint tensor is quantized on its own, as transformers does per module.
             source = shard.narrow(loaded).to(layer.qweight.device, layer.params_dtype)
+            start = time.perf_counter()
             data, absmax = self._quantize(source.contiguous())
             if self.config.bnb_4bit_use_double_quant:
                 absmax = _double_quantized(
                     absmax, shard, loaded.shape, self.config.bnb_4bit_blocksize
                 )
+            layer.quantize_seconds = (
+                getattr(layer, "quantize_seconds", 0.0) + time.perf_counter() - start
+            )
         dst_start = shard.dst_row * layer.shape[1]
         layer.qweight.data.narrow(0, dst_start // 2, data.numel()).copy_(data)
         block = self.config.bnb_4bit_blocksize

@@ -1,0 +1,57 @@
+"""Records the engine's per-step figures and each rank's load report as Prometheus metrics
+(through Ray's pipeline; names and meanings in deployments/metrics.py)."""
+
+from __future__ import annotations
+
+from deployments.metrics import metric
+from engine.loader import LoadReport
+from engine.stats import StepStats
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, replica: str, tp_rank: int) -> None:
+        self.model = {"model_name": model_name}
+        self.replica = self.model | {"replica": replica}
+        self.rank = self.replica | {"tp_rank": str(tp_rank)}
+
+    def record_load(self, report: LoadReport) -> None:
+        tags = self.rank | {"quantization": report.quantization}
+        metric("nibble_model_load_time_seconds").set(report.load_seconds, tags)
+        metric("nibble_model_quantization_time_seconds").set(report.quantization_seconds, tags)
+        metric("nibble_model_weight_bytes").set(report.weight_bytes, tags)
+        metric("nibble_model_weight_ratio_to_16bit").set(report.ratio_to_16bit, tags)
+
+    def record_step_time(self, seconds: float) -> None:
+        metric("nibble_step_time_seconds").observe(seconds, self.rank)
+
+    def record_engine(self, stats: StepStats) -> None:
+        """Rank 0: everything one or more steps (and aborts) produced."""
+        m = self.model
+        if stats.num_seqs:
+            self.record_step_time(stats.step_seconds)
+            metric("nibble_batch_size").observe(stats.num_seqs, m)
+            metric("nibble_step_tokens").observe(stats.num_tokens, m)
+        metric("nibble_num_requests_running").set(stats.num_running, self.replica)
+        metric("nibble_num_requests_waiting").set(stats.num_waiting, self.replica)
+        metric("nibble_kv_cache_usage_perc").set(stats.kv_cache_usage, self.replica)
+        if stats.num_preempted:
+            metric("nibble_num_preemptions").inc(stats.num_preempted, m)
+        if stats.num_generated_tokens:
+            metric("nibble_generation_tokens").inc(stats.num_generated_tokens, m)
+        if stats.num_prompt_tokens:
+            metric("nibble_prompt_tokens").inc(stats.num_prompt_tokens, m)
+        for value in stats.time_to_first_token:
+            metric("nibble_time_to_first_token_seconds").observe(value, m)
+        for value in stats.inter_token_latency:
+            metric("nibble_inter_token_latency_seconds").observe(value, m)
+        for f in stats.finished:
+            metric("nibble_request_success").inc(1, m | {"finished_reason": f.finish_reason})
+            metric("nibble_e2e_request_latency_seconds").observe(f.e2e, m)
+            for name, value in (
+                ("nibble_request_queue_time_seconds", f.queue),
+                ("nibble_request_prefill_time_seconds", f.prefill),
+                ("nibble_request_decode_time_seconds", f.decode),
+                ("nibble_request_time_per_output_token_seconds", f.time_per_output_token),
+            ):
+                if value is not None:
+                    metric(name).observe(value, m)
