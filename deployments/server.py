@@ -116,11 +116,17 @@ class ModelServer:
     # What the ingress calls. Each streams: first a head ({"status": ...}), then the body.
 
     async def completions(self, body: dict) -> AsyncIterator[object]:
-        async for item in self.serving.run(self.serving.completions, body):
+        async for item in self._counted(self.serving.completions, body):
             yield item
 
     async def chat_completions(self, body: dict) -> AsyncIterator[object]:
-        async for item in self.serving.run(self.serving.chat_completions, body):
+        async for item in self._counted(self.serving.chat_completions, body):
+            yield item
+
+    async def _counted(self, handler, body: dict) -> AsyncIterator[object]:
+        async for item in self.serving.run(handler, body):
+            if isinstance(item, dict) and item.get("status", 200) >= 400:
+                self._count_error("invalid_request" if item["status"] < 500 else "workers_down")
             yield item
 
     async def tokenize(self, body: dict) -> dict:

@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from deployments.metrics import metric
 from engine.loader import LoadReport
 from engine.stats import StepStats
+
+# Ray exports a gauge only while it keeps being set (a value not refreshed within about two
+# report intervals, 2 s by default, ages out), so gauges are re-set this often.
+GAUGE_REFRESH_S = 0.5
 
 
 class EngineMetrics:
@@ -13,13 +20,29 @@ class EngineMetrics:
         self.model = {"model_name": model_name}
         self.replica = self.model | {"replica": replica}
         self.rank = self.replica | {"tp_rank": str(tp_rank)}
+        self._gauges: dict[tuple[str, tuple], float] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._refresh_gauges, daemon=True, name="gauges").start()
+
+    def _set(self, name: str, value: float, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._gauges[(name, tuple(sorted(tags.items())))] = value
+        metric(name).set(value, tags)
+
+    def _refresh_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._lock:
+                gauges = list(self._gauges.items())
+            for (name, tags), value in gauges:
+                metric(name).set(value, dict(tags))
 
     def record_load(self, report: LoadReport) -> None:
         tags = self.rank | {"quantization": report.quantization}
-        metric("nibble_model_load_time_seconds").set(report.load_seconds, tags)
-        metric("nibble_model_quantization_time_seconds").set(report.quantization_seconds, tags)
-        metric("nibble_model_weight_bytes").set(report.weight_bytes, tags)
-        metric("nibble_model_weight_ratio_to_16bit").set(report.ratio_to_16bit, tags)
+        self._set("nibble_model_load_time_seconds", report.load_seconds, tags)
+        self._set("nibble_model_quantization_time_seconds", report.quantization_seconds, tags)
+        self._set("nibble_model_weight_bytes", report.weight_bytes, tags)
+        self._set("nibble_model_weight_ratio_to_16bit", report.ratio_to_16bit, tags)
 
     def record_step_time(self, seconds: float) -> None:
         metric("nibble_step_time_seconds").observe(seconds, self.rank)
@@ -31,9 +54,9 @@ class EngineMetrics:
             self.record_step_time(stats.step_seconds)
             metric("nibble_batch_size").observe(stats.num_seqs, m)
             metric("nibble_step_tokens").observe(stats.num_tokens, m)
-        metric("nibble_num_requests_running").set(stats.num_running, self.replica)
-        metric("nibble_num_requests_waiting").set(stats.num_waiting, self.replica)
-        metric("nibble_kv_cache_usage_perc").set(stats.kv_cache_usage, self.replica)
+        self._set("nibble_num_requests_running", stats.num_running, self.replica)
+        self._set("nibble_num_requests_waiting", stats.num_waiting, self.replica)
+        self._set("nibble_kv_cache_usage_perc", stats.kv_cache_usage, self.replica)
         if stats.num_preempted:
             metric("nibble_num_preemptions").inc(stats.num_preempted, m)
         if stats.num_generated_tokens:

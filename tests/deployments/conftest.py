@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -20,11 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="package")
 def serve_instance():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # metrics reach the export port in ~1 s
     os.chdir(ROOT)  # configs name the demo model relative to the repository root
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR")
+    metrics_port = free_port()
+    ray.init(
+        num_cpus=8, include_dashboard=False, logging_level="ERROR",
+        _metrics_export_port=metrics_port,
+    )  # fmt: skip
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_port=metrics_port)
     serve.shutdown()
     ray.shutdown()
 
@@ -33,7 +39,7 @@ def serve_instance():
 def base_url(serve_instance):
     """The two-model app (one of them tensor-parallel) at /."""
     serve.run(build_app(config_args("cpu-two-models.yaml")), name="nibble", route_prefix="/")
-    return serve_instance
+    return serve_instance.url
 
 
 @pytest.fixture(scope="package")
@@ -51,4 +57,4 @@ def secure_url(serve_instance):
         "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
     }  # fmt: skip
     serve.run(build_app(args), name="secure", route_prefix="/secure")
-    return f"{serve_instance}/secure"
+    return f"{serve_instance.url}/secure"
