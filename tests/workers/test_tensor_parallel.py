@@ -15,10 +15,11 @@ from engine import LLM, SamplingParams
 from workers import WorkerGroupError
 
 MAX_NEW = 8
-# Max abs difference of first-token log-probabilities, TP=2 vs TP=1, float32. Pre-quantized
-# shards are exact slices (only the all-reduce order differs); in flight, each rank quantizes
-# its own slice, so double-quant statistics (offset and 8-bit absmax) differ a little.
-TOLERANCE = {"prequant": 1e-4, "inflight": 0.05}
+# Max abs difference of first-token log-probabilities, TP=2 vs TP=1, float32. Both ways the
+# ranks hold exactly the bytes one rank would (pre-quantized: exact slices; in flight: each rank
+# quantizes its slice, with double-quant statistics computed over the whole tensor), so only
+# the order of the all-reduce's sums differs.
+TOLERANCE = {"prequant": 1e-4, "inflight": 1e-4}
 
 
 @pytest.fixture(scope="module", autouse=True)
