@@ -79,6 +79,11 @@ class AppArgs(BaseModel):
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted bearer keys; empty: no authentication."
     )
+    api_keys_env: str | None = Field(
+        None,
+        description="Name of an environment variable with more keys, comma-separated (e.g. "
+        "filled from a Kubernetes Secret, so keys stay out of configs).",
+    )
     max_request_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get 413.")
     ingress_max_ongoing_requests: int = Field(
         4096,

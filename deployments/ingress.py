@@ -4,6 +4,7 @@ errors in OpenAI's JSON shape."""
 import hmac
 import json
 import logging
+import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -54,7 +55,12 @@ class OpenAIIngress:
     def __init__(self, servers: dict[str, DeploymentHandle], args: AppArgs) -> None:
         self.servers = servers
         self.args = args
-        self.api_keys = [k.encode() for k in args.api_keys]
+        keys = list(args.api_keys)
+        if args.api_keys_env:
+            if args.api_keys_env not in os.environ:
+                raise ValueError(f"api_keys_env names {args.api_keys_env}, which is not set")
+            keys += [k.strip() for k in os.environ[args.api_keys_env].split(",") if k.strip()]
+        self.api_keys = [k.encode() for k in keys]
 
     # Shared checks.
 

@@ -1,0 +1,150 @@
+"""The Helm chart renders, lints and validates offline (helm-python-sdk, kubernetes-validate),
+and its Serve config is the one schema the deployments use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python import HelmValuesError
+from helm_python.chart import Chart, lint
+
+from deployments.config import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "nibble"
+KUBE_VERSION = "1.30.0"
+VALUES = {
+    "default": {},
+    "tp2-two-models": yaml.safe_load((ROOT / "tests/helm/values-tp2-two-models.yaml").read_text()),
+}
+
+
+def render(values: dict) -> list[dict]:
+    manifests = Chart.load(CHART).render(values, name="nibble", namespace="llm")
+    return [
+        doc
+        for path, text in manifests.items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_lints_without_errors(name):
+    result = lint(CHART, VALUES[name], strict=True)
+    assert result["errors"] == [], result
+    assert all(m["severity"] < 2 for m in result["messages"]), result["messages"]
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_kubernetes_manifests_validate(name):
+    docs = render(VALUES[name])
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"] in ("v1", "networking.k8s.io/v1"):
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    # The Ray pods: their templates are Kubernetes pod templates, validated as such.
+    (service,) = by_kind(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "t"},
+            "template": group["template"],
+        }
+        kubernetes_validate.validate(template, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_serve_config_is_the_deployments_schema(name):
+    docs = render(VALUES[name])
+    (service,) = by_kind(docs, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (application,) = serve_config["applications"]
+    assert application["import_path"] == "deployments.app:build_app"
+    args = AppArgs.model_validate(application["args"])
+    expected = (
+        VALUES[name].get("models") or yaml.safe_load((CHART / "values.yaml").read_text())["models"]
+    )
+    assert [m.name for m in args.models] == [
+        m.get("served_model_name", m["model"]) for m in expected
+    ]
+
+
+def test_gpu_workers_secrets_and_security():
+    docs = render(VALUES["tp2-two-models"])
+    (service,) = by_kind(docs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 6)
+    container = workers["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # the largest TP size
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NIBBLE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "nibble-api-keys"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert head["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert "RAY_AUTH_MODE" not in json.dumps(service)  # Ray's token authentication stays on
+    assert by_kind(docs, "Ingress")[0]["spec"]["rules"][0]["host"] == "llm.example.com"
+
+
+def test_monitoring_ships_the_same_files():
+    docs = render({})
+    (rule,) = by_kind(docs, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((CHART / "prometheus/alerts.yaml").read_text())
+    dashboards = {k: v for cm in by_kind(docs, "ConfigMap") for k, v in cm["data"].items()}
+    for path in (CHART / "dashboards").glob("*.json"):
+        assert json.loads(dashboards[path.name]) == json.loads(path.read_text())
+    assert all(
+        cm["metadata"]["labels"]["grafana_dashboard"] == "1" for cm in by_kind(docs, "ConfigMap")
+    )
+    monitors = by_kind(docs, "PodMonitor")
+    assert sorted(m["spec"]["selector"]["matchLabels"]["nibble.io/role"] for m in monitors) == [
+        "head",
+        "worker",
+    ]
+    assert all(m["spec"]["podMetricsEndpoints"][0]["port"] == "metrics" for m in monitors)
+    off = render(
+        {
+            "monitoring": {
+                "podMonitor": {"enabled": False},
+                "prometheusRule": {"enabled": False},
+                "dashboards": {"enabled": False},
+            }
+        }
+    )
+    assert (
+        not by_kind(off, "PodMonitor")
+        and not by_kind(off, "PrometheusRule")
+        and not by_kind(off, "ConfigMap")
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"gpuWorkers": {"replicas": -1, "minReplicas": 0, "maxReplicas": 1}},
+            "/gpuWorkers/replicas",
+        ),
+        ({"models": []}, "/models"),
+        ({"models": [{"served_model_name": "x"}]}, "model"),
+        ({"models": [{"model": "m", "tensor_parallel_size": 0}]}, "tensor_parallel_size"),
+        ({"modelCache": {"type": "nfs", "mountPath": "/models"}}, "/modelCache/type"),
+    ],
+)
+def test_broken_values_fail_the_schema_clearly(values, message):
+    with pytest.raises(HelmValuesError, match=message):
+        Chart.load(CHART).validate_schema(values)
