@@ -4,6 +4,7 @@ and its Serve config is the one schema the deployments use."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -148,3 +149,26 @@ def test_monitoring_ships_the_same_files():
 def test_broken_values_fail_the_schema_clearly(values, message):
     with pytest.raises(HelmValuesError, match=message):
         Chart.load(CHART).validate_schema(values)
+
+
+NODE_MODULES = ROOT / ".venv" / "npm" / "node_modules"  # installed by .ci/setup
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_prometheus_operator_resources_validate(name):
+    """PodMonitors and the PrometheusRule against the Prometheus operator's CRD schemas (the
+    @kubernetes-models/prometheus-operator package from npm)."""
+    docs = [d for d in render(VALUES[name]) if d["kind"] in ("PodMonitor", "PrometheusRule")]
+    assert len(docs) == 3
+    out = subprocess.run(
+        ["node", str(ROOT / "tests/helm/validate_crds.js"), str(NODE_MODULES)],
+        input=json.dumps(docs), capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    broken = json.loads(json.dumps(docs[0]))
+    broken["spec"]["podMetricsEndpoints"] = [{"port": 8080}]  # must be the port's name
+    out = subprocess.run(
+        ["node", str(ROOT / "tests/helm/validate_crds.js"), str(NODE_MODULES)],
+        input=json.dumps([broken]), capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and "port must be string" in out.stdout
