@@ -7,6 +7,7 @@ import enum
 import logging
 import os
 import time
+import uuid
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -96,8 +97,13 @@ class WorkerGroup:
             ) from e
         env = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV_PREFIXES)}
         actor_cls = ray.remote(Worker)
+        # Named, so operators (and tests) can find a group's ranks:
+        # nibble-worker:<model>:<group id>:<rank>.
+        label = metrics_labels[0] if metrics_labels else config.model.rsplit("/", 1)[-1]
+        self.group_id = uuid.uuid4().hex[:8]
         self.workers = [
             actor_cls.options(
+                name=f"nibble-worker:{label}:{self.group_id}:{i}",
                 num_cpus=bundle["CPU"],
                 num_gpus=bundle.get("GPU", 0),
                 max_concurrency=4,

@@ -1,0 +1,47 @@
+"""A dead worker: /health says which model is down, its requests get a 503 in OpenAI's shape
+(no hang), and Serve's health check rebuilds the replica with a fresh worker group."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import ray
+
+MODEL = "nibble-demo-tp2"
+
+
+def _worker(rank: int):
+    names = [
+        a for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"nibble-worker:{MODEL}:") and a["name"].endswith(f":{rank}")
+    ]  # fmt: skip
+    assert len(names) == 1, names
+    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+
+
+def _until(check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_dead_worker_is_reported_and_rebuilt(base_url):
+    body = {"model": MODEL, "prompt": "A module", "max_tokens": 4}
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        assert http.post("/v1/completions", json=body).status_code == 200
+        ray.kill(_worker(1), no_restart=True)
+        health = _until(lambda: (r := http.get("/health")).status_code == 503 and r, 30)
+        assert health.json()["down"] == [MODEL]
+        start = time.monotonic()
+        failed = http.post("/v1/completions", json=body)
+        assert failed.status_code == 503 and time.monotonic() - start < 30
+        assert failed.json()["error"]["type"] == "service_unavailable"
+        assert http.post("/v1/completions", json=body | {"model": "nibble-demo"}).status_code == 200
+        # Serve notices through the replica's health check and starts a new worker group.
+        _until(lambda: http.get("/health").status_code == 200, 180)
+        assert http.post("/v1/completions", json=body).status_code == 200
