@@ -70,8 +70,10 @@ class ModelServer:
             for request_id, reason in batch.rejected:
                 if (queue := self._queues.get(request_id)) is not None:
                     queue.put_nowait(bad_request(reason))
-            for output in batch.outputs:
-                if (queue := self._queues.get(output.request_id)) is not None:
+            # Outputs are cumulative: only a request's latest one in a batch needs sending.
+            latest = {output.request_id: output for output in batch.outputs}
+            for request_id, output in latest.items():
+                if (queue := self._queues.get(request_id)) is not None:
                     queue.put_nowait(output)
 
     async def generate(
@@ -96,6 +98,9 @@ class ModelServer:
             self.group.submit([AddRequest(request_id, prompt, prompt_token_ids, params)])
             while not finished:
                 item = await queue.get()
+                # A caller that fell behind gets the latest (cumulative) output in one piece.
+                while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+                    item = queue.get_nowait()
                 if isinstance(item, WorkerGroupError):
                     self._count_error("workers_down")
                     raise OpenAIError(
