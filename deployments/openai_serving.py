@@ -316,7 +316,9 @@ class OpenAIServing:
     def _completion_logprobs(self, positions, tokens: list[int], offset: int, k: int) -> dict:
         result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token, position in zip(tokens, positions, strict=False):
-            text = self.tokenizer.decode([token])
+            # The engine decoded each generated token already; the first prompt token has no
+            # logprob entry, so it is decoded here.
+            text = position[token].decoded_token if position else self.tokenizer.decode([token])
             result["tokens"].append(text)
             result["text_offset"].append(offset)
             offset += len(text)

@@ -8,16 +8,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from ray import serve
-from transformers import AutoTokenizer
 
 from deployments.config import ModelArgs
 from deployments.metrics import metric
 from deployments.openai_serving import OpenAIServing
 from deployments.protocol import OpenAIError, bad_request
-from engine.model_files import resolve_model_dir
+from engine.model_files import load_tokenizer
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.validation import validate_request
 from workers.group import PlacementStrategy, WorkerGroup, WorkerGroupError
 from workers.messages import AbortRequest, AddRequest
 
@@ -34,9 +32,7 @@ class ModelServer:
     def __init__(self, args: ModelArgs) -> None:
         self.args = args
         config = args.engine_config()
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer or resolve_model_dir(config.model, config.revision)
-        )
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer, config.revision)
         replica = serve.get_replica_context().replica_tag
         self.metrics_tags = {"model_name": args.name}
         self.group = WorkerGroup(
@@ -79,12 +75,8 @@ class ModelServer:
     async def generate(
         self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; aborts it if the caller stops listening."""
-        try:
-            validate_request(prompt_token_ids, params, self.limits)
-        except ValueError as e:
-            self._count_error("invalid_request")
-            raise bad_request(str(e), "prompt") from None
+        """Outputs of one request as they come; aborts it if the caller stops listening. The
+        request was validated by OpenAIServing (and rank 0 rejects what cannot run)."""
         if not self.group.healthy:
             self._count_error("workers_down")
             raise OpenAIError(503, "the model's workers are down", "service_unavailable")

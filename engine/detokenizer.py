@@ -23,35 +23,34 @@ class Detokenizer:
         seq.prefix_offset = max(seq.num_prompt_tokens - _PREFIX_WINDOW, 0)
         seq.read_offset = seq.num_prompt_tokens
 
-    def step(self, seq: Sequence) -> str:
-        """Append the text of seq's newest tokens to seq.text; return what was appended. Text that
-        ends inside a multi-byte UTF-8 character is held back until the character is complete."""
+    def _decode_window(self, seq: Sequence) -> tuple[str, str]:
+        """(text of the context tokens, text of context + unread tokens)."""
         skip = seq.params.skip_special_tokens
         ids = seq.token_ids
         prefix = self.tokenizer.decode(
             ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip
         )
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        return prefix, self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+
+    def step(self, seq: Sequence) -> str:
+        """Append the text of seq's newest tokens to seq.text; return what was appended. Text that
+        ends inside a multi-byte UTF-8 character is held back until the character is complete."""
+        prefix, full = self._decode_window(seq)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix) :]
         seq.prefix_offset = seq.read_offset
-        seq.read_offset = len(ids)
+        seq.read_offset = seq.num_tokens
         seq.text += delta
         return delta
 
     def flush(self, seq: Sequence) -> None:
         """At the end, add text still held back (an incomplete character decodes as U+FFFD)."""
-        ids = seq.token_ids
-        if seq.read_offset >= len(ids):
+        if seq.read_offset >= seq.num_tokens:
             return
-        skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(
-            ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip
-        )
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=skip)
+        prefix, full = self._decode_window(seq)
         seq.text += full[len(prefix) :]
-        seq.prefix_offset = seq.read_offset = len(ids)
+        seq.prefix_offset = seq.read_offset = seq.num_tokens
 
 
 def check_stop(seq: Sequence, delta_len: int, max_model_len: int) -> None:

@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import AutoTokenizer
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, check_stop
+from engine.model_files import load_tokenizer
 from engine.model_runner import ModelRunnerOutput, StepPlan
 from engine.model_spec import ModelSpec
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -40,7 +40,7 @@ class LLMEngine:
         self.hf_config = spec.hf_config
         self.quant_config = spec.quant_config
         self.max_model_len = spec.max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or spec.model_dir)
+        self.tokenizer = load_tokenizer(str(spec.model_dir), config.tokenizer)
         self.eos_token_ids = spec.eos_token_ids(self.tokenizer)
         self.runner = spec.build_runner()
         self.broadcast = broadcast

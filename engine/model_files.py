@@ -34,6 +34,13 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
         raise ValueError(f"could not fetch {model!r} from the Hugging Face hub: {e}") from e
 
 
+def load_tokenizer(model: str, tokenizer: str | None = None, revision: str | None = None):
+    """The tokenizer of a checkpoint (or the separately named one), local or from the hub."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer or resolve_model_dir(model, revision))
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The checkpoint's *.safetensors files, following an index file when there is one."""
     index = model_dir / "model.safetensors.index.json"

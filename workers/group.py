@@ -137,10 +137,7 @@ class WorkerGroup:
             batch = ray.get(self.workers[0].poll.remote(timeout_s), timeout=timeout_s + 30)
         except (RayActorError, GetTimeoutError) as e:
             self._fail(f"rank 0 stopped answering: {e}")
-        if batch.error:
-            self._fail(f"a step failed on rank 0:\n{batch.error}")
-        self.check_health()
-        return batch
+        return self._checked(batch)
 
     async def poll_async(self, timeout_s: float = 0.1) -> OutputBatch:
         """poll() for asyncio callers (the Serve model server)."""
@@ -149,6 +146,10 @@ class WorkerGroup:
             batch = await self.workers[0].poll.remote(timeout_s)
         except RayActorError as e:
             self._fail(f"rank 0 stopped answering: {e}")
+        return self._checked(batch)
+
+    def _checked(self, batch: OutputBatch) -> OutputBatch:
+        """The batch, unless rank 0's loop failed or a worker died while it was gathered."""
         if batch.error:
             self._fail(f"a step failed on rank 0:\n{batch.error}")
         self.check_health()

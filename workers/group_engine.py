@@ -3,10 +3,8 @@ for drivers in another process: the offline LLM with tensor_parallel_size > 1, a
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from engine.config import EngineConfig
-from engine.model_files import resolve_model_dir
+from engine.model_files import load_tokenizer
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.validation import validate_request
@@ -22,9 +20,7 @@ class GroupEngine:
         poll_timeout_s: float = 0.05,
     ) -> None:
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer or resolve_model_dir(config.model, config.revision)
-        )
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer, config.revision)
         self.group = WorkerGroup(config, placement_strategy)
         self.limits = self.group.info.limits
         self.max_model_len = self.limits.max_model_len
