@@ -1,8 +1,11 @@
-"""Offline decode throughput, side by side in one run: nibble's LLM.generate vs transformers'
-generate with bitsandbytes 4-bit, on the same checkpoint and the same prompts.
+"""Offline decode throughput, side by side in one run: nibble's LLM.generate (in-flight NF4)
+vs transformers' generate with bitsandbytes 4-bit, optionally vs nibble's own bf16 path and the
+memory roofline, on the same checkpoint and the same prompts; with load times.
 
     python benchmarks/offline_throughput.py --shape small --batch-sizes 1 8 \
         --out benchmarks/results/offline_throughput_cpu.json
+    python benchmarks/offline_throughput.py --model /tmp/llama2-7b --batch-sizes 1 16 64 \
+        --prompt-len 128 --output-len 128 --compare-bf16 --prequantized-load  # on a GPU
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def time_transformers(model, batch_prompts, output_len: int) -> float:
     return time.perf_counter() - start
 
 
+def copy_bandwidth() -> float:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write): the roofline's ceiling."""
+    src = torch.empty(1 << 30, dtype=torch.uint16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 10 * 4 * src.numel() / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: a random one)")
@@ -70,6 +86,12 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--compare-bf16", action="store_true", help="also nibble unquantized")
+    parser.add_argument(
+        "--prequantized-load", action="store_true",
+        help="also write a pre-quantized copy (python -m engine.quantize) and time its load",
+    )  # fmt: skip
+    parser.add_argument("--kv-cache-gib", type=float, default=None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -77,8 +99,29 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or write_checkpoint(args.shape, Path(tmp) / args.shape)
-        llm = LLM(model=str(model_dir), quantization="bitsandbytes", dtype=dtype)
-        vocab = llm.llm_engine.hf_config.vocab_size
+        kv = {"kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)} if args.kv_cache_gib else {}
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        llm = LLM(model=str(model_dir), quantization="bitsandbytes", dtype=dtype, **kv)
+        report = llm.llm_engine.runner.load_report
+        graphs = llm.llm_engine.runner.graphs
+        load = {
+            "inflight_load_s": round(report.load_seconds, 2),
+            "inflight_quantize_s": round(report.quantization_seconds, 2),
+            "weight_GiB": round(report.weight_bytes / 2**30, 3),
+            "weight_ratio_to_16bit": round(report.ratio_to_16bit, 3),
+            "graph_capture_s": round(graphs.capture_seconds, 2) if graphs else None,
+        }
+        if cuda:
+            load["peak_gpu_GiB_at_init"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(json.dumps(load), flush=True)
+        hf = llm.llm_engine.hf_config
+        embed_bytes = hf.vocab_size * hf.hidden_size * dtype.itemsize
+        # Bytes a decode step must read: every weight once (the embedding only by row).
+        step_bytes = report.weight_bytes - (0 if hf.tie_word_embeddings else embed_bytes)
+        bandwidth = copy_bandwidth() if cuda else None
+        vocab = hf.vocab_size
         reference = None
         if not args.skip_transformers:
             quant = BitsAndBytesConfig(
@@ -96,13 +139,39 @@ def main() -> None:
                 "batch_size": batch,
                 "ours_tok_s": tokens / time_ours(llm, batch_prompts, args.output_len),
             }
+            if bandwidth:
+                row["roofline_tok_s"] = batch * bandwidth / step_bytes
+                row["ours_fraction_of_roofline"] = row["ours_tok_s"] / row["roofline_tok_s"]
             if reference is not None:
                 row["transformers_tok_s"] = tokens / time_transformers(
                     reference, batch_prompts, args.output_len
                 )
                 row["ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
+        del llm
+        if args.compare_bf16:
+            bf16 = LLM(model=str(model_dir), dtype=dtype, **kv)
+            for row in rows:
+                batch_prompts = prompts(row["batch_size"], args.prompt_len, vocab, seed=row["batch_size"])
+                elapsed = time_ours(bf16, batch_prompts, args.output_len)
+                row["ours_bf16_tok_s"] = row["batch_size"] * args.output_len / elapsed
+                row["nf4_over_bf16"] = row["ours_tok_s"] / row["ours_bf16_tok_s"]
+                print(json.dumps(row), flush=True)
+            del bf16
+        if args.prequantized_load:
+            from engine.quantize import quantize_checkpoint
+
+            copy = Path(tmp) / "prequantized"
+            quantize_checkpoint(model_dir, copy)
+            if cuda:
+                torch.cuda.empty_cache()
+            start = time.perf_counter()
+            pre = LLM(model=str(copy), dtype=dtype, **kv)
+            load["prequantized_engine_init_s"] = round(time.perf_counter() - start, 2)
+            load["prequantized_load_s"] = round(pre.llm_engine.runner.load_report.load_seconds, 2)
+            print(json.dumps(load), flush=True)
+            del pre
 
     device = (
         torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -111,7 +180,8 @@ def main() -> None:
         "benchmark": "offline_throughput", "shape": args.shape, "model": str(args.model or ""),
         "quantization": "bitsandbytes nf4 + double quant (in-flight)", "dtype": args.dtype,
         "prompt_len": args.prompt_len, "output_len": args.output_len, "device": device,
-        "rows": rows,
+        "copy_bandwidth_TB_s": bandwidth / 1e12 if bandwidth else None,
+        "bytes_per_decode_step": step_bytes, "load": load, "rows": rows,
     }  # fmt: skip
     print(f"{'batch':>6} {'ours tok/s':>12} {'transformers tok/s':>19} {'ratio':>7}")
     for r in rows:

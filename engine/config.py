@@ -89,7 +89,17 @@ class EngineConfig(BaseModel):
     enable_chunked_prefill: bool = Field(
         True, description="Split long prompts over several steps, mixed with decodes."
     )
-    enforce_eager: bool = Field(True, description="Run without CUDA graphs.")
+    enforce_eager: bool = Field(
+        False,
+        description="Run every step eagerly; otherwise decode steps replay CUDA graphs "
+        "(on CUDA with the Triton kernels, single GPU).",
+    )
+    kernels: Literal["auto", "triton", "native"] = Field(
+        "auto",
+        description="auto: nibble's Triton kernels (fused 4-bit matmul, paged attention, fused "
+        "norms) on CUDA when Triton is installed; triton: require them; native: PyTorch and "
+        "bitsandbytes only.",
+    )
 
     @field_validator("dtype", mode="before")
     @classmethod

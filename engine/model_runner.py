@@ -14,8 +14,10 @@ import torch
 from transformers import PretrainedConfig
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphRunner, capture_sizes
 from engine.distributed import get_tp_group
 from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+from engine.kernels import enable_kernels, kernels_available
 from engine.kv_cache import allocate_kv_cache, determine_num_blocks, free_kv_cache
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
@@ -76,6 +78,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.model, self.load_report = load_model(model_dir, hf_config, quant_config, dtype, device)
+        self.use_kernels = self._use_kernels(config.kernels, device)
+        enable_kernels(self.model, self.use_kernels)
         self.sampler = Sampler()
         num_blocks = determine_num_blocks(
             config, self.model, dtype, device, max_model_len, self._profile_run
@@ -83,6 +87,23 @@ class ModelRunner:
         self.num_blocks = self._agree_across_ranks(num_blocks)
         allocate_kv_cache(self.model, self.num_blocks, self.block_size, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+        self.graphs: DecodeGraphRunner | None = None
+        if self.use_kernels and not config.enforce_eager and get_tp_group().size == 1:
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                capture_sizes(config.max_num_seqs),
+                -(-max_model_len // self.block_size),
+                device,
+            )
+            if not self.graphs.capture():
+                self.graphs = None
+
+    @staticmethod
+    def _use_kernels(choice: str, device: torch.device) -> bool:
+        available = kernels_available(device) and device.type == "cuda"
+        if choice == "triton" and not available:
+            raise ValueError("kernels='triton' needs a CUDA device and Triton installed")
+        return choice != "native" and available
 
     def _agree_across_ranks(self, num_blocks: int) -> int:
         """Every rank must hold the same blocks: take the smallest count any rank can afford."""
@@ -157,14 +178,31 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Forward pass and LM head: logits of the sample rows and of the prompt-logprob rows."""
-        with set_forward_context(self._metadata(plan)):
-            hidden = self.model(self._tensor(plan.input_ids), self._tensor(plan.positions))
+        hidden = self._replay_graph(plan)
+        if hidden is None:
+            with set_forward_context(self._metadata(plan)):
+                hidden = self.model(self._tensor(plan.input_ids), self._tensor(plan.positions))
         sample_logits = prompt_logits = None
         if plan.sample_rows:
-            sample_logits = self.model.compute_logits(hidden[plan.sample_rows])
+            # Decode steps sample every row: no gather needed.
+            rows = hidden if len(plan.sample_rows) == hidden.shape[0] else hidden[plan.sample_rows]
+            sample_logits = self.model.compute_logits(rows)
         if plan.prompt_rows:
             prompt_logits = self.model.compute_logits(hidden[plan.prompt_rows])
         return sample_logits, prompt_logits
+
+    def _replay_graph(self, plan: StepPlan) -> torch.Tensor | None:
+        """Hidden states from a captured CUDA graph, for a decode-only step that fits one."""
+        if self.graphs is None or len(plan.batches) != 1 or plan.prompt_rows:
+            return None
+        batch = plan.batches[0]
+        num_blocks = len(batch.block_tables[0])
+        if not self.graphs.can_run(len(plan.input_ids), len(batch.query_positions[0]), num_blocks):
+            return None
+        return self.graphs.run(
+            plan.input_ids, plan.positions, plan.slot_mapping, batch.context_lens,
+            batch.block_tables,
+        )  # fmt: skip
 
     # One whole step on rank 0.
 

@@ -26,10 +26,14 @@ class Sampler:
     ) -> list[SampledToken]:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits.clone(), seqs)
-        token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        if any(_needs_logit_processing(s) for s in seqs):
+            logits = self._apply_penalties(logits.clone(), seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
-        if greedy:
+        if len(greedy) == len(seqs):  # the common decode case: one argmax, no indexing
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+        if greedy and len(greedy) < len(seqs):
             token_ids[greedy] = logits[greedy].argmax(dim=-1)
         random = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if random:
@@ -87,6 +91,15 @@ class Sampler:
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _needs_logit_processing(seq: Sequence) -> bool:
+    p = seq.params
+    return (
+        p.repetition_penalty != 1.0
+        or bool((p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens)
+        or seq.num_output_tokens < p.min_tokens
+    )
 
 
 def top_logprobs(

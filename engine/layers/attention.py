@@ -29,16 +29,44 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner.
         self.kv_cache: torch.Tensor | None = None
+        self.use_kernels = False  # set by engine.kernels.enable_kernels
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim]."""
+        """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim] (rows may be
+        strided views). Decode groups run the paged-attention kernel where kernels are on;
+        prefill groups (and everything on CPU) run SDPA over the gathered blocks."""
+        if not self.use_kernels:
+            return self.forward_native(q, k, v)
+        from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
+
+        metadata = get_forward_context()
+        assert self.kv_cache is not None, "KV cache not bound"
+        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
+        store_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        outputs = []
+        for b in metadata.batches:
+            rows = q[b.token_start : b.token_end]
+            if b.max_query_len == 1:
+                outputs.append(
+                    paged_decode_attention(
+                        rows, key_cache, value_cache, b.block_tables, b.context_lens,
+                        self.scale, self.sliding_window,
+                    )  # fmt: skip
+                )
+            else:
+                outputs.append(self._attend(rows, key_cache, value_cache, b))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         metadata = get_forward_context()
         assert self.kv_cache is not None, "KV cache not bound"
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
         flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_keys[metadata.slot_mapping] = k.view(-1, self.num_kv_heads, self.head_dim)
-        flat_values[metadata.slot_mapping] = v.view(-1, self.num_kv_heads, self.head_dim)
+        flat_keys[metadata.slot_mapping] = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        flat_values[metadata.slot_mapping] = v.reshape(-1, self.num_kv_heads, self.head_dim)
 
         q = q.view(-1, self.num_heads, self.head_dim)
         outputs = [

@@ -44,6 +44,7 @@ class LinearBase(nn.Module):
         self.output_size_per_partition = output_size_per_partition
         self.tp_rank = get_tp_group().rank
         self.tp_size = get_tp_group().size
+        self.use_kernels = False  # set by engine.kernels.enable_kernels (quant methods read it)
         self.quant_method: LinearMethod = (
             quant_config.get_linear_method(prefix) if quant_config else UnquantizedLinearMethod()
         )

@@ -22,6 +22,7 @@ from torch import nn
 
 from engine.config import DTYPES
 from engine.distributed import get_tp_group
+from engine.kernels import kernels_available
 from engine.layers.quant.base import (
     LinearMethod,
     QuantizationConfig,
@@ -200,9 +201,12 @@ def _unpack(name: str, parts: dict[str, torch.Tensor]) -> Packed4bitWeight:
 
 
 class BitsAndBytesLinearMethod(LinearMethod):
-    """Holds `qweight` (uint8, out*in/2) and `absmax` (fp32, out*in/blocksize); the matmul is
-    bitsandbytes' own `matmul_4bit`. In-flight mode quantizes each shard as it is loaded, so no
-    16-bit copy of the layer is ever held."""
+    """Holds `qweight` (uint8, out*in/2) and `absmax` (fp32, out*in/blocksize). In-flight mode
+    quantizes each shard as it is loaded, so no 16-bit copy of the layer is ever held.
+
+    The matmul is nibble's fused Triton kernel (engine/kernels/matmul_4bit.py) where the layer's
+    kernels are on and the shape and dtype allow it (fp16/bf16 compute, 64-aligned blocks);
+    otherwise, and as the reference, bitsandbytes' own `matmul_4bit`."""
 
     def __init__(self, config: BitsAndBytesConfig) -> None:
         self.config = config
@@ -277,8 +281,30 @@ class BitsAndBytesLinearMethod(LinearMethod):
             quant_type=self.config.bnb_4bit_quant_type,
             dtype=layer.compute_dtype,
         )
+        layer.pair_table = None
+        if kernels_available(layer.absmax.device):
+            from engine.kernels import matmul_4bit as fused
+
+            if fused.supports(layer.shape, self.config.bnb_4bit_blocksize):
+                layer.pair_table = fused.pair_table(layer.quant_state.code, layer.absmax.device)
 
     def apply(self, layer, x, bias):
+        if (
+            layer.use_kernels
+            and layer.pair_table is not None
+            and layer.compute_dtype in (torch.float16, torch.bfloat16)
+        ):
+            from engine.kernels import matmul_4bit as fused
+
+            rows = x.numel() // x.shape[-1]
+            config = fused.kernel_for(rows, *layer.shape, x.device)
+            if config is not None:  # measured faster than bitsandbytes for this shape
+                out = fused.matmul_4bit(
+                    x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.pair_table,
+                    layer.shape, self.config.bnb_4bit_blocksize, config,
+                )  # fmt: skip
+                out = out.to(x.dtype)
+                return out if bias is None else out + bias
         out = bnb.matmul_4bit(
             x.to(layer.compute_dtype), layer.qweight.view(-1, 1), layer.quant_state
         )

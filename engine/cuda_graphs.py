@@ -1,0 +1,134 @@
+"""CUDA graphs for decode steps: the whole forward pass replayed as one launch.
+
+A decode-only step of B sequences runs the graph captured for the smallest batch bucket >= B.
+The graph reads its inputs from static buffers that each step refills: token ids, positions,
+cache slots, block tables and context lengths. Padding rows get slot -1 (the cache write skips
+them) and context length 0 (attention returns zeros), so they touch nothing. Only the Triton
+paths are captured: the paged-attention kernel makes the launch independent of context lengths."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to 64, of 32 up to 256 (as far as max_num_seqs)."""
+    limit = min(max_num_seqs, 256)
+    sizes = [s for s in [1, 2, 4, *range(8, 65, 8), *range(96, 257, 32)] if s <= limit]
+    return sizes if limit in sizes else [*sizes, limit]
+
+
+class DecodeGraphRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        sizes: list[int],
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.sizes = sorted(sizes)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.device = device
+        n = self.max_batch
+        # Rows: input ids, positions, slots, context lengths; one host->device copy per step.
+        self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
+        self.staging = torch.zeros((4, n), dtype=torch.long).pin_memory()
+        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        input_ids, positions, slots, context_lens = self.inputs[:, :batch]
+        decode = AttentionBatch(
+            token_start=0,
+            token_end=batch,
+            flat_index=self.inputs[0, :0],  # unused by the decode kernel
+            query_positions=positions.view(-1, 1),
+            block_tables=self.block_tables[:batch],
+            context_lens=context_lens,
+        )
+        with set_forward_context(AttentionMetadata(slots, [decode])):
+            return self.model(input_ids, positions)
+
+    @torch.inference_mode()
+    def capture(self) -> bool:
+        """Captures every size; False (and no graphs: steps run eagerly) if any launch in the
+        forward pass cannot be captured."""
+        try:
+            self._capture()
+            return True
+        except RuntimeError as exc:
+            torch.cuda.synchronize(self.device)
+            self.graphs.clear()
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", exc)
+            return False
+
+    def _capture(self) -> None:
+        start = time.perf_counter()
+        self.inputs[2].fill_(-1)  # capture-time rows write nothing to the cache
+        self.inputs[3].zero_()
+        pool = None
+        for batch in reversed(self.sizes):  # largest first: later graphs reuse its memory
+            self._forward(batch)  # warm-up: compiles the Triton kernels for this shape
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info(
+            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
+            len(self.graphs), self.sizes[0], self.max_batch, self.capture_seconds,
+        )  # fmt: skip
+
+    def bucket(self, batch: int) -> int | None:
+        for size in self.sizes:
+            if batch <= size:
+                return size
+        return None
+
+    def can_run(self, num_tokens: int, max_query_len: int, num_blocks: int) -> bool:
+        return (
+            max_query_len == 1
+            and self.bucket(num_tokens) is not None
+            and num_blocks <= self.max_blocks_per_seq
+        )
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Hidden states [B, hidden] of one decode step of B sequences."""
+        batch = len(input_ids)
+        size = self.bucket(batch)
+        pad = size - batch
+        staging = self.staging[:, :size]
+        staging[0, :batch] = torch.tensor(input_ids)
+        staging[1, :batch] = torch.tensor(positions)
+        staging[2, :batch] = torch.tensor(slot_mapping)
+        staging[3, :batch] = torch.tensor(context_lens)
+        if pad:
+            staging[:, batch:] = 0
+            staging[2, batch:] = -1
+        self.inputs[:, :size].copy_(staging, non_blocking=True)
+        width = len(block_tables[0])
+        self.block_tables[:batch, :width].copy_(torch.tensor(block_tables), non_blocking=True)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:batch]

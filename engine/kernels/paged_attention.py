@@ -1,0 +1,129 @@
+"""Decode attention straight over the paged KV cache, and the cache write, in Triton.
+
+One program per (sequence, KV head) walks the sequence's block table a tile of tokens at a time
+with an online softmax; the query heads that share the KV head (GQA) ride along as the rows of
+one `tl.dot`. Nothing is gathered or padded on the host side, so the launch is the same for any
+mix of context lengths: CUDA graphs capture it once per batch size."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    scale, sliding_window,
+    stride_q_tok, stride_q_head, stride_bt, stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_tok, stride_c_head,
+    QUERY_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + seq)
+    offs_g = tl.arange(0, GROUP_PAD)
+    g_ok = offs_g < QUERY_GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * QUERY_GROUP + offs_g
+    q = tl.load(
+        q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_ok[:, None], other=0.0,
+    )  # fmt: skip
+    m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
+    first = 0
+    if sliding_window > 0:  # the query sits at position ctx - 1
+        first = tl.maximum(ctx - sliding_window, 0)
+    for t0 in range((first // TILE) * TILE, ctx, TILE):
+        offs_t = t0 + tl.arange(0, TILE)
+        t_ok = (offs_t < ctx) & (offs_t >= first)
+        blocks = tl.load(
+            block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_ok, other=0
+        )
+        rows = (
+            blocks.to(tl.int64) * stride_c_block
+            + (offs_t % BLOCK_SIZE) * stride_c_tok
+            + kv_head * stride_c_head
+        )
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty (padding) row gives zeros
+    tl.store(
+        out_ptr + seq * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None],
+    )  # fmt: skip
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim], one query per sequence at position context_len - 1.
+    key/value_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns q's shape."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _paged_decode[(num_seqs, num_kv_heads)](
+        q, key_cache, value_cache, block_tables, context_lens, out,
+        scale, sliding_window or 0,
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        QUERY_GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE=max(64, block_size), PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _store_kv(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_k_tok, stride_v_tok, stride_c_slot,
+    KV_WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    offs = tl.arange(0, WIDTH_PAD)
+    ok = (offs < KV_WIDTH) & (slot >= 0)  # slot -1: a CUDA-graph padding row, not stored
+    k = tl.load(k_ptr + token * stride_k_tok + offs, mask=ok)
+    v = tl.load(v_ptr + token * stride_v_tok + offs, mask=ok)
+    tl.store(k_cache_ptr + slot * stride_c_slot + offs, k, mask=ok)
+    tl.store(v_cache_ptr + slot * stride_c_slot + offs, v, mask=ok)
+
+
+def store_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes each token's keys and values ([tokens, kv_heads * head_dim], rows may be strided
+    views of the fused qkv output) into its cache slot; tokens with slot -1 are skipped."""
+    num_tokens, width = k.shape
+    if num_tokens == 0:
+        return
+    _store_kv[(num_tokens,)](
+        k, v, key_cache, value_cache, slot_mapping, k.stride(0), v.stride(0), width,
+        KV_WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width), num_warps=4,
+    )  # fmt: skip

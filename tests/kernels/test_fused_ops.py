@@ -1,0 +1,123 @@
+"""The Triton attention, cache-write and fused elementwise kernels against the engine's portable
+PyTorch layers (themselves checked against transformers by the oracle tests).
+
+Skipped where no GPU is present (CI). TRITON_INTERPRET=1 runs them on CPU (slowly) in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import kernels_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and Triton"),
+]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.bfloat16, torch.float16] if DEVICE.type == "cuda" else [torch.float32]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    return torch.allclose(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_fused_residual(dtype):
+    from engine.kernels.fused_ops import rms_norm
+    from engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(4096, 1e-5).to(DEVICE, dtype)
+    norm.weight.data.normal_()
+    x = torch.randn(7, 4096, device=DEVICE, dtype=dtype)
+    residual = torch.randn(7, 4096, device=DEVICE, dtype=dtype)
+    assert close(rms_norm(x, norm.weight, 1e-5), norm.forward_native(x), dtype)
+    summed = x + residual
+    fused_residual = residual.clone()
+    out = rms_norm(x, norm.weight, 1e-5, fused_residual)
+    assert torch.equal(fused_residual, summed)
+    assert close(out, norm.forward_native(summed), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    from engine.kernels.fused_ops import silu_and_mul
+    from engine.layers.activation import SiluAndMul
+
+    x = torch.randn(5, 2 * 11008, device=DEVICE, dtype=dtype)
+    assert close(silu_and_mul(x), SiluAndMul().forward_native(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8), (14, 2)])
+def test_rotary_in_place(dtype, heads, kv_heads):
+    from engine.kernels.fused_ops import rotary_embedding_
+    from engine.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(128, 4096, 500000.0, None).to(DEVICE)
+    tokens = 9
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * 128, device=DEVICE, dtype=dtype)
+    positions = torch.tensor([0, 1, 2, 17, 100, 511, 4000, 5, 3], device=DEVICE)
+    q = qkv[:, : heads * 128].view(tokens, heads, 128)
+    k = qkv[:, heads * 128 : (heads + kv_heads) * 128].view(tokens, kv_heads, 128)
+    expected_q, expected_k = rope.forward_native(positions, q.clone(), k.clone())
+    rotary_embedding_(positions, q, k, rope.cos, rope.sin)
+    assert close(q, expected_q, dtype) and close(k, expected_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,window", [(32, 32, None), (32, 8, None), (8, 2, 20)])
+def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window):
+    """Decode queries over shuffled cache blocks: the kernel equals the portable attention."""
+    from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+    from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
+    from engine.layers.attention import Attention
+
+    torch.manual_seed(0)
+    head_dim, block_size, num_blocks = 128, 16, 64
+    context_lens = [1, 17, 64, 130, 33]
+    attn = Attention(heads, head_dim, kv_heads, head_dim**-0.5, window)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    blocks = torch.randperm(num_blocks).tolist()
+    tables, slots = [], []
+    for n in context_lens:
+        count = -(-n // block_size)
+        tables.append([blocks.pop() for _ in range(count)])
+        slots.append(tables[-1][(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
+    lens = torch.tensor(context_lens, device=DEVICE)
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    seqs = len(context_lens)
+    q = torch.randn(seqs, heads, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(seqs, kv_heads * head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(seqs, kv_heads * head_dim, device=DEVICE, dtype=dtype)
+
+    attn.kv_cache = cache.clone()
+    batch = AttentionBatch(
+        0, seqs, torch.arange(seqs, device=DEVICE), (lens - 1).view(-1, 1), padded, lens
+    )
+    with set_forward_context(AttentionMetadata(slot_mapping, [batch])):
+        expected = attn.forward_native(q.flatten(1), k, v).view(seqs, heads, head_dim)
+
+    kernel_cache = cache.clone()
+    store_kv_cache(k, v, kernel_cache[0], kernel_cache[1], slot_mapping)
+    assert torch.equal(kernel_cache, attn.kv_cache)
+    out = paged_decode_attention(
+        q, kernel_cache[0], kernel_cache[1], padded, lens, head_dim**-0.5, window
+    )
+    assert close(out, expected, dtype)
+
+
+def test_paged_decode_empty_row_is_zero():
+    """CUDA-graph padding rows have no context: they must give zeros, not NaN."""
+    from engine.kernels.paged_attention import paged_decode_attention
+
+    cache = torch.randn(2, 4, 16, 2, 64, device=DEVICE)
+    q = torch.randn(2, 4, 64, device=DEVICE)
+    tables = torch.zeros(2, 1, dtype=torch.long, device=DEVICE)
+    out = paged_decode_attention(
+        q, cache[0], cache[1], tables, torch.tensor([0, 5], device=DEVICE), 0.125
+    )
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()

@@ -1,0 +1,89 @@
+"""The fused 4-bit matmul against bitsandbytes' own dequantization, on every Llama 7B/8B/70B
+linear shape and the batch sizes decode sees.
+
+Skipped where no GPU is present (CI); the GPU host's log is committed under benchmarks/results/."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from engine.kernels import kernels_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not kernels_available(), reason="needs a CUDA GPU and Triton"),
+]
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+# (N, K) of the merged q/k/v, o, merged gate/up and down projections.
+SHAPES = {
+    "llama2-7b": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)],
+    "llama3-8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    "llama3-70b": [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)],
+}
+BATCHES = [1, 2, 3, 7, 16, 33, 64, 128, 256]
+CASES = [(model, shape) for model, shapes in SHAPES.items() for shape in shapes]
+
+
+@functools.cache
+def quantized(n: int, k: int, quant_type: str, nested: bool):
+    """(packed, de-nested fp32 absmax, code, bnb's dequantized weight) of a seeded random W."""
+    g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    packed, state = bnbF.quantize_4bit(
+        w, blocksize=64, quant_type=quant_type, compress_statistics=nested
+    )
+    reference = bnbF.dequantize_4bit(packed, state)  # bf16, as bnb's matmul sees it
+    absmax = state.absmax
+    if nested:  # de-nested exactly as the engine's loader does
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return packed.view(-1), absmax.float().view(-1), state.code, reference
+
+
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
+@pytest.mark.parametrize("model,shape", CASES, ids=[f"{m}-{n}x{k}" for m, (n, k) in CASES])
+def test_matches_bitsandbytes_dequantize(model, shape, quant_type, nested):
+    from engine.kernels.matmul_4bit import matmul_4bit, pair_table
+
+    n, k = shape
+    packed, absmax, code, weight = quantized(n, k, quant_type, nested)
+    table = pair_table(code, torch.device("cuda"))
+    exact = weight.float().T
+    for m in BATCHES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        expected = x.float() @ exact
+        out = matmul_4bit(x, packed, absmax, table, shape, 64)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        # bf16 tolerance: what cuBLAS's bf16 matmul of the same operands is off by, with slack.
+        bf16_err = ((x @ weight.T).float() - expected).norm() / expected.norm()
+        err = (out.float() - expected).norm() / expected.norm()
+        assert err <= max(2 * bf16_err, 4e-3), f"m={m}: relative error {err:.2e} (bf16 {bf16_err:.2e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_activations_and_3d_input(dtype):
+    from engine.kernels.matmul_4bit import matmul_4bit, pair_table
+
+    n, k = 4096, 4096
+    packed, absmax, code, weight = quantized(n, k, "nf4", True)
+    table = pair_table(code, torch.device("cuda"))
+    x = torch.randn(2, 5, k, device="cuda", dtype=dtype)
+    out = matmul_4bit(x, packed, absmax, table, (n, k), 64)
+    expected = x.float() @ weight.float().T
+    assert out.shape == (2, 5, n) and out.dtype == dtype
+    assert (out.float() - expected).norm() / expected.norm() < 4e-3
+
+
+def test_deterministic_across_calls():
+    """Split-K partials are summed in a fixed order: the same input gives the same bits."""
+    from engine.kernels.matmul_4bit import matmul_4bit, pair_table
+
+    packed, absmax, code, _ = quantized(4096, 11008, "nf4", True)
+    table = pair_table(code, torch.device("cuda"))
+    x = torch.randn(16, 11008, device="cuda", dtype=torch.bfloat16)
+    first = matmul_4bit(x, packed, absmax, table, (4096, 11008), 64)
+    for _ in range(3):
+        assert torch.equal(matmul_4bit(x, packed, absmax, table, (4096, 11008), 64), first)
