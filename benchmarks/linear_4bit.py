@@ -18,7 +18,12 @@ import triton
 
 from engine.kernels.matmul_4bit import choose_config, config_to_json, matmul_4bit, pair_table
 
-LLAMA2_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+LLAMA2_7B = {
+    "qkv": (12288, 4096),
+    "o": (4096, 4096),
+    "gate_up": (22016, 4096),
+    "down": (4096, 11008),
+}
 
 
 def bench(fn) -> float:
@@ -47,7 +52,9 @@ def main() -> None:
     layers = {}
     for name, (n, k) in LLAMA2_7B.items():
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-        packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        packed, state = bnbF.quantize_4bit(
+            w, blocksize=64, quant_type="nf4", compress_statistics=True
+        )
         absmax = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
         layers[name] = (w, packed, state, absmax.view(-1), pair_table(state.code, device))
 
@@ -88,15 +95,15 @@ def main() -> None:
             f"batch {m:>3}: ours {row['ours_us']:>8.1f} us  bnb {row['bnb_us']:>8.1f} us  "
             f"bf16 {row['bf16_us']:>8.1f} us  | vs bnb x{row['ours_vs_bnb_speedup']:.2f}  "
             f"ours/bf16 {row['ours_over_bf16_time']:.2f}  "
-            f"{row['ours_4bit_bytes_GB_s']:.0f} GB/s = {100 * row['ours_fraction_of_copy_bw']:.0f}% "
-            "of copy",
+            f"{row['ours_4bit_bytes_GB_s']:.0f} GB/s = "
+            f"{100 * row['ours_fraction_of_copy_bw']:.0f}% of copy",
             flush=True,
         )
     result = {
         "benchmark": "linear_4bit", "gpu": torch.cuda.get_device_name(device),
         "torch": torch.__version__, "triton": triton.__version__, "bitsandbytes": bnb.__version__,
         "copy_bandwidth_TB_s": round(bandwidth / 1e12, 3),
-        "layer": "one Llama-2-7B decoder layer's linears (qkv, o, gate_up, down), NF4 + double quant",
+        "layer": "one Llama-2-7B decoder layer's linears (qkv, o, gate_up, down), NF4 + DQ",
         "command": "python benchmarks/linear_4bit.py", "rows": rows,
     }  # fmt: skip
     if args.out:

@@ -153,7 +153,9 @@ def main() -> None:
         if args.compare_bf16:
             bf16 = LLM(model=str(model_dir), dtype=dtype, **kv)
             for row in rows:
-                batch_prompts = prompts(row["batch_size"], args.prompt_len, vocab, seed=row["batch_size"])
+                batch_prompts = prompts(
+                    row["batch_size"], args.prompt_len, vocab, seed=row["batch_size"]
+                )
                 elapsed = time_ours(bf16, batch_prompts, args.output_len)
                 row["ours_bf16_tok_s"] = row["batch_size"] * args.output_len / elapsed
                 row["nf4_over_bf16"] = row["ours_tok_s"] / row["ours_bf16_tok_s"]

@@ -27,7 +27,12 @@ from engine.kernels.matmul_4bit import (
 )
 
 # Llama-2-7B linears as nibble runs them (q/k/v and gate/up merged): (N, K).
-LLAMA2_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+LLAMA2_7B = {
+    "qkv": (12288, 4096),
+    "o": (4096, 4096),
+    "gate_up": (22016, 4096),
+    "down": (4096, 11008),
+}
 
 
 def candidates(m: int) -> list[KernelConfig]:
@@ -73,7 +78,7 @@ def bnb_time(m: int, weights: dict, x: dict) -> float:
     import bitsandbytes as bnb
 
     total = 0.0
-    for name, (n, k) in LLAMA2_7B.items():
+    for name, (_, k) in LLAMA2_7B.items():
         packed, state = weights[name]
         total += bench(lambda: bnb.matmul_4bit(x[k], packed, state))
     return total
@@ -131,7 +136,9 @@ def main() -> None:
     table_out: dict[str, dict] = {}
     measurements = []
     for m in args.buckets:
-        x = {k: torch.randn(m, k, dtype=torch.bfloat16, device=device) for _, k in LLAMA2_7B.values()}
+        x = {
+            k: torch.randn(m, k, dtype=torch.bfloat16, device=device) for _, k in LLAMA2_7B.values()
+        }
         totals: dict[KernelConfig, float] = {}
         best: dict[str, tuple[float, KernelConfig]] = {}
         for cfg in candidates(m):
@@ -139,9 +146,7 @@ def main() -> None:
             try:
                 for name, (n, k) in LLAMA2_7B.items():
                     packed, absmax, table = weights[name]
-                    ms = bench(
-                        lambda: matmul_4bit(x[k], packed, absmax, table, (n, k), 64, cfg)
-                    )
+                    ms = bench(lambda: matmul_4bit(x[k], packed, absmax, table, (n, k), 64, cfg))
                     total += ms
                     if name not in best or ms < best[name][0]:
                         best[name] = (ms, cfg)
@@ -154,7 +159,9 @@ def main() -> None:
         bnb_total = bnb_time(m, weights_bnb, x)
         if bnb_total < totals[overall]:  # the engine keeps bitsandbytes' kernel for this bucket
             table_out[str(m)] = {"kernel": "bitsandbytes"}
-            print(f"m={m}: bitsandbytes {bnb_total * 1e3:.1f} us beats the fused kernel", flush=True)
+            print(
+                f"m={m}: bitsandbytes {bnb_total * 1e3:.1f} us beats the fused kernel", flush=True
+            )
             continue
         table_out[str(m)] = config_to_json(overall)
         for name, (n, k) in LLAMA2_7B.items():
@@ -162,8 +169,10 @@ def main() -> None:
             if cfg != overall:
                 table_out[f"{m}:{n}x{k}"] = config_to_json(cfg)
         summary = {name: round(best[name][0] * 1e3, 1) for name in LLAMA2_7B}
-        print(f"m={m}: best total {totals[overall] * 1e3:.1f} us {overall}; per layer us {summary}",
-              flush=True)
+        print(
+            f"m={m}: best total {totals[overall] * 1e3:.1f} us {overall}; per layer us {summary}",
+            flush=True,
+        )
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / (gpu.replace(" ", "_") + ".json")

@@ -81,13 +81,13 @@ class ModelRunner:
         self.use_kernels = self._use_kernels(config.kernels, device)
         enable_kernels(self.model, self.use_kernels)
         self.sampler = Sampler()
+        self.graphs: DecodeGraphRunner | None = None  # captured once the cache exists
         num_blocks = determine_num_blocks(
             config, self.model, dtype, device, max_model_len, self._profile_run
         )
         self.num_blocks = self._agree_across_ranks(num_blocks)
         allocate_kv_cache(self.model, self.num_blocks, self.block_size, dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
-        self.graphs: DecodeGraphRunner | None = None
         if self.use_kernels and not config.enforce_eager and get_tp_group().size == 1:
             self.graphs = DecodeGraphRunner(
                 self.model,

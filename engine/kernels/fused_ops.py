@@ -60,7 +60,7 @@ def _silu_and_mul(x_ptr, out_ptr, stride_x, stride_o, width, BLOCK: tl.constexpr
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for x = [gate | up] on the last dim: [tokens, 2 * width] -> [tokens, width]."""
+    """silu(gate) * up for x = [gate | up]: [tokens, 2 * width] -> [tokens, width]."""
     rows, double = x.shape
     width = double // 2
     out = torch.empty((rows, width), dtype=x.dtype, device=x.device)

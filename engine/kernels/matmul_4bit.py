@@ -62,7 +62,9 @@ def _gemv_4bit(
     for g0 in range(pid_k * GROUPS, num_groups, GROUPS * SPLIT_K):
         g = g0 + offs_g
         g_ok = g < num_groups
-        byte_offs = offs_n[:, None, None] * stride_w + g[None, :, None] * half + offs_j[None, None, :]
+        byte_offs = (
+            offs_n[:, None, None] * stride_w + g[None, :, None] * half + offs_j[None, None, :]
+        )
         ok = n_ok[:, None, None] & g_ok[None, :, None]
         packed = tl.load(w_ptr + byte_offs, mask=ok, other=0)
         high, low = _decode_pair(table_ptr, packed)
@@ -70,11 +72,15 @@ def _gemv_4bit(
         scale = tl.load(absmax_ptr + scale_offs, mask=n_ok[:, None] & g_ok[None, :], other=0.0)
         high = high * scale[:, :, None]
         low = low * scale[:, :, None]
-        x_offs = offs_m[:, None, None] * stride_xm + g[None, :, None] * GROUP + 2 * offs_j[None, None, :]
+        x_offs = (
+            offs_m[:, None, None] * stride_xm + g[None, :, None] * GROUP + 2 * offs_j[None, None, :]
+        )
         x_ok = (offs_m[:, None, None] < M) & g_ok[None, :, None]
         x_even = tl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_ptr + x_offs + 1, mask=x_ok, other=0.0).to(tl.float32)
-        prod = high[None, :, :, :] * x_even[:, None, :, :] + low[None, :, :, :] * x_odd[:, None, :, :]
+        prod = (
+            high[None, :, :, :] * x_even[:, None, :, :] + low[None, :, :, :] * x_odd[:, None, :, :]
+        )
         acc += tl.sum(tl.sum(prod, axis=3), axis=2)
     out_offs = pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :]
     out_ok = (offs_m[:, None] < M) & n_ok[None, :]
@@ -122,7 +128,9 @@ def _gemm_4bit(
             )  # fmt: skip
             acc += part * scale[None, :]
     out_offs = pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
+    )
 
 
 @triton.jit
@@ -261,8 +269,21 @@ def matmul_4bit(
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
-    args = (x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
-            k // blocksize)
+    args = (
+        x2,
+        packed,
+        absmax,
+        table,
+        target,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        n,
+        stride_ok,
+        k // 2,
+        k // blocksize,
+    )
     meta = dict(
         BLOCKSIZE=blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         GROUPS=config.groups, SPLIT_K=split, num_warps=config.num_warps,

@@ -35,7 +35,7 @@ def _paged_decode(
     m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
-    first = 0
+    first = ctx * 0  # ctx's integer type on both branches
     if sliding_window > 0:  # the query sits at position ctx - 1
         first = tl.maximum(ctx - sliding_window, 0)
     for t0 in range((first // TILE) * TILE, ctx, TILE):

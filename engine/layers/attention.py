@@ -50,8 +50,13 @@ class Attention(nn.Module):
             if b.max_query_len == 1:
                 outputs.append(
                     paged_decode_attention(
-                        rows, key_cache, value_cache, b.block_tables, b.context_lens,
-                        self.scale, self.sliding_window,
+                        rows,
+                        key_cache,
+                        value_cache,
+                        b.block_tables,
+                        b.context_lens,
+                        self.scale,
+                        self.sliding_window,
                     )  # fmt: skip
                 )
             else:

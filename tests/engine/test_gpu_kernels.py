@@ -48,7 +48,10 @@ def test_kernels_and_graphs_match_bitsandbytes_path(checkpoints, mode):
         a, b = ours.outputs[0], ref.outputs[0]
         identical += a.token_ids == b.token_ids
         # The first token's logprob: bf16 kernels round differently, not by much.
-        assert abs(a.logprobs[0][a.token_ids[0]].logprob - b.logprobs[0][a.token_ids[0]].logprob) < 0.05
+        assert (
+            abs(a.logprobs[0][a.token_ids[0]].logprob - b.logprobs[0][a.token_ids[0]].logprob)
+            < 0.05
+        )
     assert identical >= len(PROMPTS) - 1, f"{identical}/{len(PROMPTS)} identical"
 
 

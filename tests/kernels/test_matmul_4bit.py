@@ -43,7 +43,9 @@ def quantized(n: int, k: int, quant_type: str, nested: bool):
     return packed.view(-1), absmax.float().view(-1), state.code, reference
 
 
-@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
+@pytest.mark.parametrize(
+    "quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+)
 @pytest.mark.parametrize("model,shape", CASES, ids=[f"{m}-{n}x{k}" for m, (n, k) in CASES])
 def test_matches_bitsandbytes_dequantize(model, shape, quant_type, nested):
     from engine.kernels.matmul_4bit import matmul_4bit, pair_table
@@ -60,7 +62,9 @@ def test_matches_bitsandbytes_dequantize(model, shape, quant_type, nested):
         # bf16 tolerance: what cuBLAS's bf16 matmul of the same operands is off by, with slack.
         bf16_err = ((x @ weight.T).float() - expected).norm() / expected.norm()
         err = (out.float() - expected).norm() / expected.norm()
-        assert err <= max(2 * bf16_err, 4e-3), f"m={m}: relative error {err:.2e} (bf16 {bf16_err:.2e})"
+        assert err <= max(2 * bf16_err, 4e-3), (
+            f"m={m}: relative error {err:.2e} (bf16 {bf16_err:.2e})"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
