@@ -3,8 +3,9 @@
 A decode-only step of B sequences runs the graph captured for the smallest batch bucket >= B.
 The graph reads its inputs from static buffers that each step refills: token ids, positions,
 cache slots, block tables and context lengths. Padding rows get slot -1 (the cache write skips
-them) and context length 0 (attention returns zeros), so they touch nothing. Only the Triton
-paths are captured: the paged-attention kernel makes the launch independent of context lengths."""
+them) and context length 0 (attention returns zeros), so they touch nothing. Graphs are used
+only with the Triton kernels on: the paged-attention kernel makes the launch independent of
+context lengths (the 4-bit matmul inside may be bitsandbytes' own)."""
 
 from __future__ import annotations
 

@@ -26,15 +26,14 @@ class Sampler:
     ) -> list[SampledToken]:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        if any(_needs_logit_processing(s) for s in seqs):
-            logits = self._apply_penalties(logits.clone(), seqs)
+        logits = self._apply_penalties(logits, seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
         if len(greedy) == len(seqs):  # the common decode case: one argmax, no indexing
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
-        if greedy and len(greedy) < len(seqs):
-            token_ids[greedy] = logits[greedy].argmax(dim=-1)
+            if greedy:
+                token_ids[greedy] = logits[greedy].argmax(dim=-1)
         random = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if random:
             probs = self._processed_probs(logits[random], [seqs[i] for i in random])
@@ -51,6 +50,11 @@ class Sampler:
         ]
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits with penalties and min_tokens applied: a copy, or the same tensor where
+        no sequence needs either (no copy on the common path)."""
+        if not any(_needs_logit_processing(s) for s in seqs):
+            return logits
+        logits = logits.clone()
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.repetition_penalty != 1.0:

@@ -21,12 +21,9 @@ def kernels_available(device: torch.device | None = None) -> bool:
     return torch.cuda.is_available() and (device is None or device.type == "cuda")
 
 
-def enable_kernels(model: torch.nn.Module, enabled: bool) -> int:
+def enable_kernels(model: torch.nn.Module, enabled: bool) -> None:
     """Turns the Triton paths of a loaded model's layers on or off (each layer that has one
-    carries a `use_kernels` flag); returns how many layers were switched."""
-    count = 0
+    carries a `use_kernels` flag)."""
     for module in model.modules():
         if hasattr(module, "use_kernels"):
             module.use_kernels = enabled
-            count += 1
-    return count

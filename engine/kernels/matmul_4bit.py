@@ -187,9 +187,13 @@ def _tuned_table(device_name: str) -> dict[str, KernelConfig]:
     return {key: KernelConfig(**value) for key, value in entries.items()}
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _measured(m: int, n: int, k: int, device: torch.device) -> KernelConfig | None:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    table = _tuned_table(name)
+    table = _tuned_table(_device_name(device))
     bucket = m_bucket(m)
     return table.get(f"{bucket}:{n}x{k}") or table.get(str(bucket))
 
@@ -270,20 +274,9 @@ def matmul_4bit(
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
     args = (
-        x2,
-        packed,
-        absmax,
-        table,
-        target,
-        m,
-        n,
-        k,
-        x2.stride(0),
-        n,
-        stride_ok,
-        k // 2,
+        x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize,
-    )
+    )  # fmt: skip
     meta = dict(
         BLOCKSIZE=blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         GROUPS=config.groups, SPLIT_K=split, num_warps=config.num_warps,

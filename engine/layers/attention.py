@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache, in portable PyTorch (CPU and GPU)."""
+"""Attention over the paged KV cache: portable PyTorch (CPU and GPU), or Triton kernels on GPU."""
 
 from __future__ import annotations
 
@@ -33,21 +33,34 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim] (rows may be
-        strided views). Decode groups run the paged-attention kernel where kernels are on;
-        prefill groups (and everything on CPU) run SDPA over the gathered blocks."""
-        if not self.use_kernels:
-            return self.forward_native(q, k, v)
-        from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
+        strided views). Where kernels are on, the cache write and decode groups run Triton
+        kernels; prefill groups (and everything on CPU) run SDPA over the gathered blocks."""
+        return self._forward(q, k, v, self.use_kernels)
 
+    def forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._forward(q, k, v, use_kernels=False)
+
+    def _forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_kernels: bool
+    ) -> torch.Tensor:
         metadata = get_forward_context()
         assert self.kv_cache is not None, "KV cache not bound"
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-        store_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        if use_kernels:
+            from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
+
+            store_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
+        else:
+            flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_keys[metadata.slot_mapping] = k.reshape(-1, self.num_kv_heads, self.head_dim)
+            flat_values[metadata.slot_mapping] = v.reshape(-1, self.num_kv_heads, self.head_dim)
+
         q = q.view(-1, self.num_heads, self.head_dim)
         outputs = []
         for b in metadata.batches:
             rows = q[b.token_start : b.token_end]
-            if b.max_query_len == 1:
+            if use_kernels and b.max_query_len == 1:
                 outputs.append(
                     paged_decode_attention(
                         rows,
@@ -61,23 +74,6 @@ class Attention(nn.Module):
                 )
             else:
                 outputs.append(self._attend(rows, key_cache, value_cache, b))
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return out.reshape(-1, self.num_heads * self.head_dim)
-
-    def forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        metadata = get_forward_context()
-        assert self.kv_cache is not None, "KV cache not bound"
-        key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
-        flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_keys[metadata.slot_mapping] = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        flat_values[metadata.slot_mapping] = v.reshape(-1, self.num_kv_heads, self.head_dim)
-
-        q = q.view(-1, self.num_heads, self.head_dim)
-        outputs = [
-            self._attend(q[b.token_start : b.token_end], key_cache, value_cache, b)
-            for b in metadata.batches
-        ]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out.reshape(-1, self.num_heads * self.head_dim)
 
