@@ -1,6 +1,7 @@
 """Per-layer linear time on Llama-2-7B shapes, side by side in one run: nibble's fused 4-bit
 kernel vs bitsandbytes' `matmul_4bit` vs bf16 `torch.matmul`, with the copy bandwidth measured
-in the same run as the ceiling.
+in the same run as the ceiling. Each is timed as a decode step runs it: replayed in a CUDA graph,
+over enough copies of the weights that they stream from HBM (`graph_timing.py`).
 
     python benchmarks/linear_4bit.py --out benchmarks/results/linear_4bit_h200.json
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -16,7 +18,9 @@ import bitsandbytes.functional as bnbF
 import torch
 import triton
 
-from engine.kernels.matmul_4bit import choose_config, config_to_json, matmul_4bit, pair_table
+from benchmarks.graph_timing import copies_for, time_in_graph
+from engine.kernels.decode_4bit import code_table
+from engine.kernels.matmul_4bit import choose_config, config_to_json, matmul_4bit
 
 LLAMA2_7B = {
     "qkv": (12288, 4096),
@@ -26,16 +30,11 @@ LLAMA2_7B = {
 }
 
 
-def bench(fn) -> float:
-    """Median ms, L2 flushed before each run (weights are not cache-resident in a real step)."""
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
 def copy_bandwidth(device) -> float:
     """Bytes/s of a device-to-device copy of 2 GiB (read + write)."""
     src = torch.empty(1 << 30, dtype=torch.uint16, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
     return 2 * src.numel() * 2 / (ms / 1e3)
 
 
@@ -56,21 +55,33 @@ def main() -> None:
             w, blocksize=64, quant_type="nf4", compress_statistics=True
         )
         absmax = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-        layers[name] = (w, packed, state, absmax.view(-1), pair_table(state.code, device))
+        count = copies_for(w.numel() // 2)
+        layers[name] = {
+            "packed": [packed.view(-1).clone() for _ in range(count)],
+            "absmax": absmax.view(-1),
+            "state": state,
+            "table": code_table(state.code, device),
+            "bf16": [w.clone() for _ in range(copies_for(2 * w.numel()))],
+        }
+        del w
 
     rows = []
     for m in args.batch_sizes:
         total = {"ours": 0.0, "bnb": 0.0, "bf16": 0.0}
         per_layer = {}
         for name, (n, k) in LLAMA2_7B.items():
-            w, packed, state, absmax, table = layers[name]
+            layer = layers[name]
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            wt = w.t()
+            absmax, state, table = layer["absmax"], layer["state"], layer["table"]
             times = {
-                "ours": bench(lambda: matmul_4bit(x, packed.view(-1), absmax, table, (n, k), 64)),
-                "bnb": bench(lambda: bnb.matmul_4bit(x, packed, state)),
-                "bf16": bench(lambda: torch.matmul(x, wt)),
-            }
+                "ours": time_in_graph([
+                    partial(matmul_4bit, x, p, absmax, table, (n, k), 64) for p in layer["packed"]
+                ]),
+                "bnb": time_in_graph([
+                    partial(bnb.matmul_4bit, x, p.view(-1, 1), state) for p in layer["packed"]
+                ]),
+                "bf16": time_in_graph([partial(torch.matmul, x, w.t()) for w in layer["bf16"]]),
+            }  # fmt: skip
             per_layer[name] = {
                 **{f"{key}_us": round(v * 1e3, 2) for key, v in times.items()},
                 "config": config_to_json(choose_config(m, n, k, device)),

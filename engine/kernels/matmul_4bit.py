@@ -1,17 +1,17 @@
-"""`x @ dequantize_4bit(W).T` straight from bitsandbytes' packed layout, in one Triton kernel.
+"""`x @ dequantize_4bit(W).T` straight from bitsandbytes' packed layout: the dispatcher, the
+launch-config table, and the tensor-core kernel for larger batches.
 
 The layout (the same for pre-quantized and in-flight weights): W is [N, K] row-major, two 4-bit
 codes per byte (the first value in the high nibble), and one fp32 absmax per `blocksize`
-consecutive values, so row n's block g has scale absmax[n * K / blocksize + g]. A value is
-code[nibble] * absmax.
+consecutive values, so row n's value k has scale absmax[(n * K + k) / blocksize]. A value is
+code[nibble] * absmax. Bytes are decoded in registers (`decode_4bit`).
 
-Two kernels share that decoding:
-- `_gemv_4bit`: small batches (a handful of rows). Plain FMAs in fp32; the weight bytes are the
-  whole cost, so it is built to stream them (many narrow programs, wide loads).
-- `_gemm_4bit`: larger batches. Each tile of codes is decoded in registers and fed to tensor cores
-  (`tl.dot`); the block scale is applied to the partial product of each 64-value group.
-
-Both look up a byte's two codes at once in a 256-entry table of bf16 pairs (one gather per byte).
+Two kernels:
+- `gemv_4bit_kernel` (gemv_4bit.py): a few rows of x; fp32 FMAs, each thread's 32-value sum
+  scaled once. The weight bytes are the whole cost, so it streams them with wide loads.
+- `_gemm_4bit` (here): more rows. W is the left operand of a tensor-core dot (out^T = W x^T),
+  decoded, scaled and cast to x's dtype in registers; x's even and odd columns meet W's high and
+  low nibbles as two dots.
 Which kernel and tile sizes to use is measured per GPU, batch bucket and shape
 (`benchmarks/tune_matmul_4bit.py` writes `configs/<gpu>.json`)."""
 
@@ -22,69 +22,28 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-GROUP_SIZE = 64  # values per inner step: one absmax block of the default blocksize
-GROUP = tl.constexpr(GROUP_SIZE)
+from engine.kernels.decode_4bit import CONSTRAINTS, DECODE_ASM
+from engine.kernels.gemv_4bit import BYTES_PER_THREAD_VALUE, gemv_4bit_kernel
+
+GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-
-@triton.jit
-def _decode_pair(table_ptr, packed):
-    """Two fp32 values (high nibble, low nibble) of each byte, via the bf16-pair table."""
-    pair = tl.load(table_ptr + packed.to(tl.int32))
-    high = ((pair >> 16) << 16).to(tl.float32, bitcast=True)
-    low = (pair << 16).to(tl.float32, bitcast=True)
-    return high, low
+_CONSTRAINTS = tl.constexpr(CONSTRAINTS)
+_DECODE_ASM = tl.constexpr(DECODE_ASM)
 
 
 @triton.jit
-def _gemv_4bit(
-    x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
-    BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """Few rows: fp32 FMAs over [BLOCK_N, GROUPS, 32]-byte tiles, scaled per 64-value group."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    half: tl.constexpr = GROUP // 2
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GROUPS)
-    offs_j = tl.arange(0, half)
-    n_ok = offs_n < N
-    num_groups = K // GROUP
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(pid_k * GROUPS, num_groups, GROUPS * SPLIT_K):
-        g = g0 + offs_g
-        g_ok = g < num_groups
-        byte_offs = (
-            offs_n[:, None, None] * stride_w + g[None, :, None] * half + offs_j[None, None, :]
-        )
-        ok = n_ok[:, None, None] & g_ok[None, :, None]
-        packed = tl.load(w_ptr + byte_offs, mask=ok, other=0)
-        high, low = _decode_pair(table_ptr, packed)
-        scale_offs = offs_n[:, None] * stride_a + (g[None, :] * GROUP) // BLOCKSIZE
-        scale = tl.load(absmax_ptr + scale_offs, mask=n_ok[:, None] & g_ok[None, :], other=0.0)
-        high = high * scale[:, :, None]
-        low = low * scale[:, :, None]
-        x_offs = (
-            offs_m[:, None, None] * stride_xm + g[None, :, None] * GROUP + 2 * offs_j[None, None, :]
-        )
-        x_ok = (offs_m[:, None, None] < M) & g_ok[None, :, None]
-        x_even = tl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + x_offs + 1, mask=x_ok, other=0.0).to(tl.float32)
-        prod = (
-            high[None, :, :, :] * x_even[:, None, :, :] + low[None, :, :, :] * x_odd[:, None, :, :]
-        )
-        acc += tl.sum(tl.sum(prod, axis=3), axis=2)
-    out_offs = pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_ok = (offs_m[:, None] < M) & n_ok[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+def _decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
+    """uint8 bytes -> (high-nibble value, low-nibble value) as fp32 codes, given the code table's
+    eight words (decode_4bit.py)."""
+    return tl.inline_asm_elementwise(
+        _DECODE_ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=4,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -92,45 +51,69 @@ def _gemm_4bit(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, W_LEFT: tl.constexpr,
 ):  # fmt: skip
-    """More rows: per 64-value group, the even and odd codes go to tensor cores as two
-    K=32 dots against x's even and odd columns; the group's scale multiplies the product."""
+    """More rows: out^T[BLOCK_N, BLOCK_M] += W_high x_even^T + W_low x_odd^T on tensor cores, W
+    decoded, scaled and cast to x's dtype in registers. W_LEFT: W is the dot's left operand (it
+    stays in registers); else the right one (x tiles go in as the left, W through shared memory),
+    which is what Hopper's wgmma wants once x has 64 rows or more."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    half: tl.constexpr = GROUP // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    half_k: tl.constexpr = BLOCK_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, half)
+    rows = tl.minimum(offs_n, N - 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    n_ok = offs_n < N
-    num_groups = K // GROUP
+    offs_b = tl.arange(0, half_k)
+    w_base = w_ptr + rows[:, None] * stride_w + offs_b[None, :]
+    if W_LEFT:  # x tiles [half_k, BLOCK_M], acc = out^T
+        x_base = x_ptr + offs_m[None, :] * stride_xm + 2 * offs_b[:, None]
+        x_rows_ok = m_ok[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:  # x tiles [BLOCK_M, half_k], acc = out
+        x_base = x_ptr + offs_m[:, None] * stride_xm + 2 * offs_b[None, :]
+        x_rows_ok = m_ok[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dot_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g0 in range(pid_k * GROUPS, num_groups, GROUPS * SPLIT_K):
-        for i in tl.static_range(GROUPS):
-            g = g0 + i
-            g_ok = g < num_groups
-            packed = tl.load(
-                w_ptr + offs_n[:, None] * stride_w + g * half + offs_j[None, :],
-                mask=n_ok[:, None] & g_ok, other=0,
-            )  # fmt: skip
-            high, low = _decode_pair(table_ptr, packed)
-            x_offs = offs_m[:, None] * stride_xm + g * GROUP + 2 * offs_j[None, :]
-            x_even = tl.load(x_ptr + x_offs, mask=m_ok[:, None] & g_ok, other=0.0)
-            x_odd = tl.load(x_ptr + x_offs + 1, mask=m_ok[:, None] & g_ok, other=0.0)
-            part = tl.dot(x_even, tl.trans(high.to(dot_dtype)))
-            part = tl.dot(x_odd, tl.trans(low.to(dot_dtype)), part)
-            scale = tl.load(
-                absmax_ptr + offs_n * stride_a + (g * GROUP) // BLOCKSIZE,
-                mask=n_ok & g_ok, other=0.0,
-            )  # fmt: skip
-            acc += part * scale[None, :]
-    out_offs = pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(
-        out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
-    )
+    # The code table, one copy per lane (decode_4bit.code_table), read per thread: ordinary
+    # registers, which prmt reads directly (uniform ones would be copied at every use).
+    t_ptrs = table_ptr + (offs_n[:, None] % 32) * 8
+    t0, t1, t2, t3 = [tl.load(t_ptrs + i) for i in (0, 1, 2, 3)]
+    t4, t5, t6, t7 = [tl.load(t_ptrs + i) for i in (4, 5, 6, 7)]
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        scale_offs = rows[:, None] * stride_a + (k0 + 2 * offs_b[None, :]) // BLOCKSIZE
+        if EVEN_K:
+            packed = tl.load(w_base + k0 // 2)
+            scale = tl.load(absmax_ptr + scale_offs)
+            x_even = tl.load(x_base + k0, mask=x_rows_ok, other=0.0)
+            x_odd = tl.load(x_base + k0 + 1, mask=x_rows_ok, other=0.0)
+        else:
+            b_ok = (k0 + 2 * offs_b) < K
+            packed = tl.load(w_base + k0 // 2, mask=b_ok[None, :], other=0)
+            scale = tl.load(absmax_ptr + scale_offs, mask=b_ok[None, :], other=0.0)
+            if W_LEFT:
+                x_ok = b_ok[:, None] & x_rows_ok
+            else:
+                x_ok = b_ok[None, :] & x_rows_ok
+            x_even = tl.load(x_base + k0, mask=x_ok, other=0.0)
+            x_odd = tl.load(x_base + k0 + 1, mask=x_ok, other=0.0)
+        high, low = _decode(packed, t0, t1, t2, t3, t4, t5, t6, t7)
+        w_even = (high * scale).to(dot_dtype)
+        w_odd = (low * scale).to(dot_dtype)
+        if W_LEFT:
+            acc = tl.dot(w_even, x_even, acc)
+            acc = tl.dot(w_odd, x_odd, acc)
+        else:
+            acc = tl.dot(x_even, tl.trans(w_even), acc)
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+    if W_LEFT:
+        out_offs = pid_k * stride_ok + offs_m[None, :] * stride_om + offs_n[:, None]
+        out_ok = m_ok[None, :] & (offs_n < N)[:, None]
+    else:
+        out_offs = pid_k * stride_ok + offs_m[:, None] * stride_om + offs_n[None, :]
+        out_ok = m_ok[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -151,10 +134,16 @@ class KernelConfig:
     kernel: str  # "gemv", "gemm" or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
-    groups: int = 0  # 64-value groups per loop step
+    block_k: int = 0  # gemm: values of K per loop step
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
+    # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
+    threads_n: int = 1
+    warps_n: int = 1
+    # gemm: W as the dot's left operand (in registers), or the right one (via shared memory)
+    w_left: bool = True
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -171,10 +160,10 @@ def m_bucket(m: int) -> int:
 def default_config(m: int) -> KernelConfig:
     """A launch shape for any M (what direct calls use where nothing was measured)."""
     if m <= 4:
-        return KernelConfig("gemv", triton.next_power_of_2(m), 16, 8, 1, 4, 2)
+        return KernelConfig("gemv", triton.next_power_of_2(m), block_n=4, num_warps=4)
     if m <= 64:
-        return KernelConfig("gemm", max(16, triton.next_power_of_2(m)), 128, 2, 4, 4, 3)
-    return KernelConfig("gemm", 128, 64, 2, 1, 8, 3)
+        return KernelConfig("gemm", max(16, triton.next_power_of_2(m)), 64, 128, 1, 4, 3)
+    return KernelConfig("gemm", 128, 128, 64, 1, 8, 3)
 
 
 @functools.cache
@@ -225,21 +214,6 @@ def config_to_json(config: KernelConfig) -> dict[str, object]:
     return asdict(config)
 
 
-@functools.cache
-def _pair_table_cpu(code: tuple[float, ...]) -> torch.Tensor:
-    bits = torch.tensor(code, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
-    bits = bits.numpy().astype(np.uint32) & 0xFFFF
-    byte = np.arange(256)
-    table = (bits[byte >> 4] << 16) | bits[byte & 15]
-    return torch.from_numpy(table.astype(np.uint32).view(np.int32))
-
-
-def pair_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """For each byte value, its two codes as bf16 bits packed in one int32 (high nibble's code in
-    the upper half). bf16 codes are exact in fp32, fp16 and bf16 arithmetic alike."""
-    return _pair_table_cpu(tuple(code.float().cpu().tolist())).to(device)
-
-
 def supports(shape: tuple[int, int], blocksize: int) -> bool:
     return shape[1] % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0
 
@@ -254,7 +228,7 @@ def matmul_4bit(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """x [..., K] (fp16/bf16) @ W.T with W [N, K] in bnb's packed layout; returns [..., N] in x's
-    dtype. `table` comes from `pair_table(code)`."""
+    dtype. `table` comes from `code_table(code, device)`."""
     n, k = shape
     if not supports(shape, blocksize):
         raise ValueError(
@@ -273,23 +247,48 @@ def matmul_4bit(
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
-    args = (
-        x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
-        k // blocksize,
-    )  # fmt: skip
-    meta = dict(
-        BLOCKSIZE=blocksize, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        GROUPS=config.groups, SPLIT_K=split, num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )  # fmt: skip
     if config.kernel == "gemv":
-        if config.block_m < m:
-            raise ValueError(f"gemv config for {config.block_m} rows used for {m}")
-        _gemv_4bit[(triton.cdiv(n, config.block_n), split)](*args, **meta)
+        _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     else:
+        args = (
+            x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
+            k // blocksize,
+        )  # fmt: skip
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), split)
-        _gemm_4bit[grid](*args, **meta)
+        _gemm_4bit[grid](
+            *args, BLOCKSIZE=blocksize, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
+            EVEN_K=k % config.block_k == 0, W_LEFT=config.w_left, num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
     if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split, BLOCK=block)
     return out.reshape(*lead, n)
+
+
+def gemv_step_values(config: KernelConfig) -> int:
+    """Values of K one gemv program step covers: 32 per thread along K."""
+    threads_k = 32 // config.threads_n
+    warps_k = config.num_warps // config.warps_n
+    return 2 * BYTES_PER_THREAD_VALUE * threads_k * warps_k
+
+
+def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
+    m = x2.shape[0]
+    if config.block_m < m:
+        raise ValueError(f"gemv config for {config.block_m} rows used for {m}")
+    rows, spread = divmod(config.block_n, config.threads_n * config.warps_n)
+    if spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n:
+        raise ValueError(f"gemv config {config} does not tile its rows over threads and warps")
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    pairs = x2.view(torch.int32)  # (x[2i], x[2i+1]) per int32, as the kernel reads them
+    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    gemv_4bit_kernel[grid](
+        pairs, packed, absmax, table, target, m, n, k, pairs.stride(0), n, stride_ok, k // 2,
+        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
+        BLOCK_M=config.block_m, ROWS=rows,
+        THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
+        num_warps=config.num_warps,
+    )  # fmt: skip

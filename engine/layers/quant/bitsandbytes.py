@@ -281,17 +281,18 @@ class BitsAndBytesLinearMethod(LinearMethod):
             quant_type=self.config.bnb_4bit_quant_type,
             dtype=layer.compute_dtype,
         )
-        layer.pair_table = None
+        layer.code_table = None  # the fused kernel's form of the code; None: it cannot run here
         if kernels_available(layer.absmax.device):
             from engine.kernels import matmul_4bit as fused
+            from engine.kernels.decode_4bit import code_table
 
             if fused.supports(layer.shape, self.config.bnb_4bit_blocksize):
-                layer.pair_table = fused.pair_table(layer.quant_state.code, layer.absmax.device)
+                layer.code_table = code_table(layer.quant_state.code, layer.absmax.device)
 
     def apply(self, layer, x, bias):
         if (
             layer.use_kernels
-            and layer.pair_table is not None
+            and layer.code_table is not None
             and layer.compute_dtype in (torch.float16, torch.bfloat16)
         ):
             from engine.kernels import matmul_4bit as fused
@@ -300,7 +301,7 @@ class BitsAndBytesLinearMethod(LinearMethod):
             config = fused.kernel_for(rows, *layer.shape, x.device)
             if config is not None:  # measured faster than bitsandbytes for this shape
                 out = fused.matmul_4bit(
-                    x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.pair_table,
+                    x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table,
                     layer.shape, self.config.bnb_4bit_blocksize, config,
                 )  # fmt: skip
                 out = out.to(x.dtype)

@@ -1,0 +1,83 @@
+"""Decoding bitsandbytes' 4-bit bytes in registers, for the fused matmul kernels.
+
+A byte holds two codes (the first value in the high nibble). Rather than look them up in a table
+in memory (one load per byte, which is what bounds a naive kernel), the 16 codes are held, as
+bf16, in eight 32-bit registers: their high bytes in four, their low bytes in four (`code_table`
+builds them; kernels load them once, so the compiler keeps them in registers instead of
+re-creating constants). `prmt` (byte permute) picks four table bytes at once by four 3-bit
+indices; a third `prmt` chooses, per byte, the table half the fourth index bit names. Two more
+interleave high and low bytes into bf16 pairs. Four packed bytes become eight exact fp32 codes in
+about 28 integer instructions, with no memory traffic.
+
+Kernels run `DECODE_ASM` through `inline_asm_elementwise` with `pack=4` and arguments
+(packed bytes, table word 0, ..., table word 7): outputs $0..$3 are the high-nibble codes of
+bytes 0..3 of input $8, $4..$7 the low-nibble ones; each table word arrives four times (one per
+packed element), of which the asm reads the first. bf16-rounded codes are exact in fp32, fp16 and
+bf16 arithmetic alike."""
+
+from __future__ import annotations
+
+import torch
+
+# 8 outputs; the packed bytes; 8 table words x 4 elements each.
+CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * (1 + 8 * 4))
+TABLE_WORDS = 8
+
+
+def _words(values: list[int]) -> list[int]:
+    """16 bytes -> four little-endian 32-bit words (prmt's byte order)."""
+    return [sum(values[4 * w + i] << (8 * i) for i in range(4)) for w in range(4)]
+
+
+def _table_words(code: tuple[float, ...]) -> list[int]:
+    if len(code) != 16:
+        raise ValueError(f"a 4-bit code table has 16 entries, got {len(code)}")
+    bits = torch.tensor(code, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
+    bits = [int(b) & 0xFFFF for b in bits.tolist()]
+    return _words([b >> 8 for b in bits]) + _words([b & 0xFF for b in bits])
+
+
+def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The 16-entry code table as the decoder's eight int32 words (high bytes, then low bytes),
+    repeated once per lane of a warp ([32, 8]): kernels read copy `lane % 32`, so each thread
+    loads its own and the compiler keeps it in ordinary registers."""
+    words = _table_words(tuple(code.float().cpu().tolist()))
+    table = torch.tensor(words, dtype=torch.int64).to(torch.int32)
+    return table.repeat(32, 1).to(device)
+
+
+def _decode_asm() -> str:
+    table = {f"{name}{i}": f"${9 + 4 * (4 * t + i)}" for t, name in enumerate(("hb", "lb"))
+             for i in range(4)}  # fmt: skip
+    lines = ["{", ".reg .b32 sel, pick, t, a, b, H, L, P, Q;"]
+    # $8 = bytes b0..b3, nibbles (low b0, high b0, low b1, ...) from bit 0 up. As table indices,
+    # a nibble's low three bits pick within a table half and its top bit picks the half
+    # (prmt selector 4 + i): sel holds the former, pick the latter, for all eight nibbles.
+    lines += [
+        "and.b32 sel, $8, 0x77777777;",
+        "shr.b32 t, $8, 1;",
+        "lop3.b32 pick, t, 0x44444444, 0x32103210, 0xea;",  # (t & 0x4444..) | 0x3210..
+    ]
+    for half in range(2):  # bytes 0-1, then bytes 2-3 (prmt reads selector bits 15:0)
+        if half:
+            lines += ["shr.b32 sel, sel, 16;", "shr.b32 pick, pick, 16;"]
+        for name, out in (("hb", "H"), ("lb", "L")):
+            lines += [
+                f"prmt.b32 a, {table[name + '0']}, {table[name + '1']}, sel;",
+                f"prmt.b32 b, {table[name + '2']}, {table[name + '3']}, sel;",
+                f"prmt.b32 {out}, a, b, pick;",
+            ]
+        # P = bf16 pair (code(low b), code(high b)); Q the same for the next byte.
+        lines += ["prmt.b32 P, L, H, 0x5140;", "prmt.b32 Q, L, H, 0x7362;"]
+        first, second = 2 * half, 2 * half + 1
+        lines += [
+            f"and.b32 ${first}, P, 0xffff0000;",
+            f"shl.b32 ${first + 4}, P, 16;",
+            f"and.b32 ${second}, Q, 0xffff0000;",
+            f"shl.b32 ${second + 4}, Q, 16;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+DECODE_ASM = _decode_asm()
