@@ -58,23 +58,21 @@ def candidates(m: int) -> list[KernelConfig]:
                                      warps_n=warps_n)
                     )  # fmt: skip
     if m >= 8:
-        # W as the left operand (registers; any M tile), or the right one (shared memory; wgmma
-        # wants x tiles of 64 rows or more).
+        # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs.
+        for bm in (64, 128) if m >= 128 else (64,):
+            for bn in (64, 128, 256):
+                for bk in (64, 128):
+                    if bn < (32 // (bk // 32)) * (bm // 16):
+                        continue  # fewer weight rows than the warps' threads cover
+                    for split in (1, 2, 4) if m <= 64 else (1, 2):
+                        out.append(KernelConfig("wgmma", bm, bn, bk, split, bm // 16))
+        # The portable Triton kernel, W as the left operand (registers) or the right one.
         for w_left in (True, False):
-            bm0 = min(max(triton.next_power_of_2(m), 16), 128)
-            bms = [bm0] if w_left else [max(bm0, 64)]
-            if m >= 256:
-                bms += [64, 256] if w_left else [128]
-            for bm in sorted(set(bms)):
-                for bn in (64, 128):
-                    for bk in (64, 128, 256):
-                        if bk * bn > 128 * 128 or (bk * bm > 128 * 128):
-                            continue  # more shared memory than an SM has, at 3 stages
-                        for split in (1, 2, 4) if m <= 64 else (1,):
-                            for warps in (4, 8) if bn * bm >= 128 * 64 else (4,):
-                                out.append(
-                                    KernelConfig("gemm", bm, bn, bk, split, warps, 3, w_left=w_left)
-                                )
+            bm = min(max(triton.next_power_of_2(m), 16), 128) if w_left else 64
+            for bn in (64, 128):
+                for bk in (64, 128):
+                    split = 4 if m <= 64 else 1
+                    out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     return out
 
 

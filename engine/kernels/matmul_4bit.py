@@ -131,7 +131,7 @@ def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.const
 class KernelConfig:
     """One launch shape of either kernel, or "bitsandbytes": use bnb's own matmul here."""
 
-    kernel: str  # "gemv", "gemm" or "bitsandbytes"
+    kernel: str  # "gemv", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0  # gemm: values of K per loop step
@@ -249,6 +249,8 @@ def matmul_4bit(
     stride_ok = 0 if split == 1 else m * n
     if config.kernel == "gemv":
         _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
+    elif config.kernel == "wgmma":
+        _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     else:
         args = (
             x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
@@ -291,4 +293,19 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
+    from engine.kernels.gemm_4bit import gemm_4bit_kernel  # Hopper-only module
+
+    m = x2.shape[0]
+    if k % config.block_k or config.block_m != 16 * config.num_warps:
+        raise ValueError(f"wgmma config {config} does not fit K={k} or its warps")
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    gemm_4bit_kernel[grid](
+        x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
+        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k, num_warps=config.num_warps,
     )  # fmt: skip

@@ -97,3 +97,42 @@ def test_deterministic_across_calls():
     first = matmul_4bit(x, packed, absmax, table, (4096, 11008), 64)
     for _ in range(3):
         assert torch.equal(matmul_4bit(x, packed, absmax, table, (4096, 11008), 64), first)
+
+
+def _kernel_variants() -> list:
+    from engine.kernels.matmul_4bit import KernelConfig
+
+    variants = [
+        KernelConfig("gemv", 1, 4, num_warps=2),
+        KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
+        KernelConfig("gemv", 8, 2, num_warps=8, warps_n=2),
+        KernelConfig("gemm", 16, 64, 128, 4, 4, 3, w_left=True),
+        KernelConfig("gemm", 64, 128, 64, 1, 4, 3, w_left=False),
+    ]
+    if torch.cuda.get_device_capability() == (9, 0):  # warpgroup MMA: Hopper only
+        variants += [
+            KernelConfig("wgmma", 64, 128, 64, 1, 4),
+            KernelConfig("wgmma", 64, 256, 128, 2, 4),
+            KernelConfig("wgmma", 128, 128, 64, 1, 8),
+        ]
+    return variants
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_kernel_variant(quant_type, dtype):
+    """Each kernel and launch shape the tuner may pick, whatever it picked on this GPU: rows that
+    do not fill a tile, K not a multiple of the step, N not a multiple of the block."""
+    from engine.kernels.decode_4bit import code_table
+    from engine.kernels.matmul_4bit import matmul_4bit
+
+    for n, k in [(4096, 11008), (1000, 4096)]:
+        packed, absmax, code, weight = quantized(n, k, quant_type, True)
+        table = code_table(code, torch.device("cuda"))
+        for config in _kernel_variants():
+            m = min(config.block_m, 7) if config.kernel == "gemv" else 33
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            expected = x.float() @ weight.float().T
+            out = matmul_4bit(x, packed, absmax, table, (n, k), 64, config)
+            err = (out.float() - expected).norm() / expected.norm()
+            assert err < 4e-3, f"{config} on {n}x{k}: relative error {err:.2e}"
