@@ -1,10 +1,10 @@
 """Timing a GPU call the way the engine runs it: inside a CUDA graph (no Python launch cost),
 with its weights streamed from HBM rather than sitting in L2.
 
-`time_in_graph(make_call, copies)` builds `copies` independent instances of the call (each with
-its own weights, together larger than L2), captures them back to back in one graph, replays it,
-and returns the mean milliseconds per call. That is what one linear of one decoder layer costs in
-a decode step, where 32 layers' weights stream through in turn."""
+`time_in_graph(calls)` captures the calls back to back in one CUDA graph, replays it, and returns
+the mean milliseconds per call. Given independent instances of one call, each with its own copy
+of the weights (`copies_for` says how many make them outgrow L2), that is what one linear of one
+decoder layer costs in a decode step, where 32 layers' weights stream through in turn."""
 
 from __future__ import annotations
 

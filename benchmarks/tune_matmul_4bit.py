@@ -131,7 +131,8 @@ def _compile_worker(jobs: list[tuple[int, tuple[int, int], dict]]) -> int:
 
 def precompile(jobs: list[tuple[int, tuple[int, int], dict]], workers: int) -> None:
     """Fill Triton's disk cache from several processes (compiling is CPU-bound and serial)."""
-    # One job per distinct specialization: M in {1, multiple of 16, other}, same N/K classes.
+    # Jobs are bucket x candidate x two K shapes; the cache keys on specializations, so
+    # duplicates compile once and then hit the cache.
     ctx = mp.get_context("spawn")
     chunks = [jobs[i::workers] for i in range(workers)]
     with ctx.Pool(workers) as pool:

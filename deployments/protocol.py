@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 MAX_LOGPROBS = 20
 
@@ -79,6 +79,10 @@ class SamplingRequest(BaseModel):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                # A response sent whole needs only the finished output from the workers.
+                output_kind=(
+                    RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
+                ),
             )  # fmt: skip
         except ValueError as e:
             raise bad_request(str(e), str(e).split(" ", 1)[0]) from None

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from engine.sequence import Sequence
 
@@ -18,9 +19,13 @@ def _fast_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], boo
     would only wrap it (a fast tokenizer without space clean-up), else transformers'. The wrapper
     costs 3x the decode itself, and a step decodes twice per running sequence."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if isinstance(backend, Tokenizer) and not getattr(
-        tokenizer, "clean_up_tokenization_spaces", False
-    ):
+    cls = type(tokenizer)
+    plain = (  # a subclass that overrides decoding keeps its own
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+    )
+    if plain and isinstance(backend, Tokenizer) and not tokenizer.clean_up_tokenization_spaces:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 

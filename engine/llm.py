@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as SequenceOf
 from typing import Any, TypedDict
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class TokensPrompt(TypedDict):
@@ -93,6 +94,8 @@ class LLM:
             engine.validate_prompt(token_ids, params)  # all valid before any runs
             requests.append((str(next(self._request_ids)), text, token_ids, params))
         for request_id, text, token_ids, params in requests:
+            # Only finished outputs are returned here: the engine need not build the others.
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
             engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
         return self._run([r[0] for r in requests], use_tqdm)
 

@@ -16,7 +16,7 @@ from engine.model_files import load_tokenizer
 from engine.model_runner import ModelRunnerOutput, StepPlan
 from engine.model_spec import ModelSpec
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.stats import FinishedStats, StepStats
@@ -181,7 +181,9 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 if self.collect_stats:
                     self._stats.finished.append(FinishedStats.of(seq, now))
-            touched[seq.request_id] = self.requests[seq.request_id]
+            request = self.requests[seq.request_id]
+            if seq.params.output_kind is RequestOutputKind.CUMULATIVE or request.finished:
+                touched[seq.request_id] = request
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:

@@ -6,18 +6,21 @@ bf16, in eight 32-bit registers: their high bytes in four, their low bytes in fo
 builds them; kernels load them once, so the compiler keeps them in registers instead of
 re-creating constants). `prmt` (byte permute) picks four table bytes at once by four 3-bit
 indices; a third `prmt` chooses, per byte, the table half the fourth index bit names. Two more
-interleave high and low bytes into bf16 pairs. Four packed bytes become eight exact fp32 codes in
+interleave high and low bytes into bf16 pairs. Four packed bytes become eight codes, as fp32, in
 about 28 integer instructions, with no memory traffic.
 
 Kernels run `DECODE_ASM` through `inline_asm_elementwise` with `pack=4` and arguments
 (packed bytes, table word 0, ..., table word 7): outputs $0..$3 are the high-nibble codes of
 bytes 0..3 of input $8, $4..$7 the low-nibble ones; each table word arrives four times (one per
-packed element), of which the asm reads the first. bf16-rounded codes are exact in fp32, fp16 and
-bf16 arithmetic alike."""
+packed element), of which the asm reads the first. The codes are the table's values rounded to
+bf16 (NF4's within 0.3%; the rounding of a bf16 weight itself), so a bf16 model sees what
+bitsandbytes' dequantization gives within bf16 rounding; an fp16 one slightly coarser codes."""
 
 from __future__ import annotations
 
 import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 # 8 outputs; the packed bytes; 8 table words x 4 elements each.
 CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * (1 + 8 * 4))
@@ -39,8 +42,9 @@ def _table_words(code: tuple[float, ...]) -> list[int]:
 
 def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoder's eight int32 words (high bytes, then low bytes),
-    repeated once per lane of a warp ([32, 8]): kernels read copy `lane % 32`, so each thread
-    loads its own and the compiler keeps it in ordinary registers."""
+    repeated 32 times ([32, 8]): kernels index the copies by something that varies across a
+    warp's threads (a chunk or row index, mod 32), so each thread loads a table of its own and
+    the compiler keeps it in ordinary registers rather than uniform ones."""
     words = _table_words(tuple(code.float().cpu().tolist()))
     table = torch.tensor(words, dtype=torch.int64).to(torch.int32)
     return table.repeat(32, 1).to(device)
@@ -81,3 +85,26 @@ def _decode_asm() -> str:
 
 
 DECODE_ASM = _decode_asm()
+
+
+_ASM = gl.constexpr(DECODE_ASM)
+_CONSTRAINTS = gl.constexpr(CONSTRAINTS)
+
+
+@gluon.jit
+def load_code_table(t_ptrs):
+    """The eight table words, each a tensor of per-thread copies (`t_ptrs` points every thread
+    at one of code_table's 32 copies)."""
+    return (
+        gl.load(t_ptrs + 0), gl.load(t_ptrs + 1), gl.load(t_ptrs + 2), gl.load(t_ptrs + 3),
+        gl.load(t_ptrs + 4), gl.load(t_ptrs + 5), gl.load(t_ptrs + 6), gl.load(t_ptrs + 7),
+    )  # fmt: skip
+
+
+@gluon.jit
+def decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
+    """uint8 bytes -> (high-nibble codes, low-nibble codes) as fp32 (Gluon kernels)."""
+    return gl.inline_asm_elementwise(
+        _ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(gl.float32, gl.float32), is_pure=True, pack=4,
+    )  # fmt: skip

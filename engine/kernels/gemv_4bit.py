@@ -2,7 +2,7 @@
 written out, because at batch 1 the weight bytes are the whole cost and every instruction spent
 moving data between threads shows.
 
-Each thread owns 16 consecutive bytes (32 values, half a 64-value absmax block) of `ROWS` weight
+Each thread owns 16 consecutive bytes (32 values, all under one absmax) of `ROWS` weight
 rows per step, and the matching 16 (x[2i], x[2i+1]) pairs of every row of x. It decodes the bytes
 in registers (`decode_4bit`), multiplies in fp32, sums its 32 products per row without talking to
 any other thread, and scales that sum by the block's absmax once. Threads and warps tile K; one
@@ -13,13 +13,11 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from engine.kernels.decode_4bit import CONSTRAINTS, DECODE_ASM
 from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
+from engine.kernels.decode_4bit import decode, load_code_table
 
-BYTES_PER_THREAD_VALUE = 16  # one 128-bit load: 32 values, half an absmax block of 64
+BYTES_PER_THREAD_VALUE = 16  # one 128-bit load: 32 values, within one absmax block
 BYTES_PER_THREAD = gl.constexpr(BYTES_PER_THREAD_VALUE)
-_CONSTRAINTS = gl.constexpr(CONSTRAINTS)
-_DECODE_ASM = gl.constexpr(DECODE_ASM)
 TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
 
 
@@ -32,10 +30,7 @@ def _accumulate(
     whose weight bytes (`packed`) are already loaded."""
     pairs = gl.load(x_ptrs + b0, mask=x_m_ok & (b0 + x_chunk < half_k), other=0)
     scale = gl.load(scale_ptrs + (2 * b0) // BLOCKSIZE, mask=b0 + s_chunk < half_k, other=0.0)
-    high, low = gl.inline_asm_elementwise(
-        _DECODE_ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
-        dtype=(gl.float32, gl.float32), is_pure=True, pack=4,
-    )  # fmt: skip
+    high, low = decode(packed, t0, t1, t2, t3, t4, t5, t6, t7)
     if X_FP16:
         x_even = (pairs & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
         x_odd = (pairs >> 16).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
@@ -112,14 +107,7 @@ def gemv_4bit_kernel(
     # The code table, one copy per lane (decode_4bit.code_table): loaded per thread, it lives in
     # ordinary registers, where prmt can read it without a copy per use.
     t_ptrs = table_ptr + (gl.expand_dims(gl.expand_dims(w_c, 0), 2) % 32) * TABLE_WORDS
-    t0 = gl.load(t_ptrs + 0)
-    t1 = gl.load(t_ptrs + 1)
-    t2 = gl.load(t_ptrs + 2)
-    t3 = gl.load(t_ptrs + 3)
-    t4 = gl.load(t_ptrs + 4)
-    t5 = gl.load(t_ptrs + 5)
-    t6 = gl.load(t_ptrs + 6)
-    t7 = gl.load(t_ptrs + 7)
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
     half_k = K // 2
     stride = step_bytes * SPLIT_K

@@ -1,19 +1,22 @@
-"""`x @ dequantize_4bit(W).T` straight from bitsandbytes' packed layout: the dispatcher, the
-launch-config table, and the tensor-core kernel for larger batches.
+"""`x @ dequantize_4bit(W).T` straight from bitsandbytes' packed layout: the launch-config
+table, the dispatcher, and the portable Triton tensor-core kernel.
 
 The layout (the same for pre-quantized and in-flight weights): W is [N, K] row-major, two 4-bit
 codes per byte (the first value in the high nibble), and one fp32 absmax per `blocksize`
-consecutive values, so row n's value k has scale absmax[(n * K + k) / blocksize]. A value is
-code[nibble] * absmax. Bytes are decoded in registers (`decode_4bit`).
+consecutive values of the flat weight. With K a multiple of the blocksize (`supports`), row n's
+value k has scale absmax[n * K / blocksize + k / blocksize]. A value is code[nibble] * absmax.
+Bytes are decoded in registers (`decode_4bit`).
 
-Two kernels:
-- `gemv_4bit_kernel` (gemv_4bit.py): a few rows of x; fp32 FMAs, each thread's 32-value sum
-  scaled once. The weight bytes are the whole cost, so it streams them with wide loads.
-- `_gemm_4bit` (here): more rows. W is the left operand of a tensor-core dot (out^T = W x^T),
-  decoded, scaled and cast to x's dtype in registers; x's even and odd columns meet W's high and
-  low nibbles as two dots.
-Which kernel and tile sizes to use is measured per GPU, batch bucket and shape
-(`benchmarks/tune_matmul_4bit.py` writes `configs/<gpu>.json`)."""
+Three kernels, named by `KernelConfig.kernel`:
+- "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
+  once. The weight bytes are the whole cost, so it streams them with wide loads.
+- "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
+  staged in shared memory for warpgroup MMAs.
+- "gemm" (`_gemm_4bit` here, Triton, any GPU): more rows; W decoded, scaled and cast in
+  registers as the left (`w_left`) or right operand of `tl.dot`, x's even and odd columns
+  meeting W's high and low nibbles as two dots.
+Which to use is measured per GPU, batch bucket and layer shape (`benchmarks/tune_matmul_4bit.py`
+writes `configs/<gpu>.json`); "bitsandbytes" there means bitsandbytes' own matmul won."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.decode_4bit import CONSTRAINTS, DECODE_ASM
-from engine.kernels.gemv_4bit import BYTES_PER_THREAD_VALUE, gemv_4bit_kernel
+from engine.kernels.gemv_4bit import gemv_4bit_kernel
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -55,8 +58,8 @@ def _gemm_4bit(
 ):  # fmt: skip
     """More rows: out^T[BLOCK_N, BLOCK_M] += W_high x_even^T + W_low x_odd^T on tensor cores, W
     decoded, scaled and cast to x's dtype in registers. W_LEFT: W is the dot's left operand (it
-    stays in registers); else the right one (x tiles go in as the left, W through shared memory),
-    which is what Hopper's wgmma wants once x has 64 rows or more."""
+    stays in registers); else the right one (x tiles go in as the left, W through shared memory).
+    Which is faster depends on the GPU and M; the tuner measures both."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -79,7 +82,7 @@ def _gemm_4bit(
     # The code table, one copy per lane (decode_4bit.code_table), read per thread: ordinary
     # registers, which prmt reads directly (uniform ones would be copied at every use).
     t_ptrs = table_ptr + (offs_n[:, None] % 32) * 8
-    t0, t1, t2, t3 = [tl.load(t_ptrs + i) for i in (0, 1, 2, 3)]
+    t0, t1, t2, t3 = [tl.load(t_ptrs + i) for i in (0, 1, 2, 3)]  # TABLE_WORDS == 8
     t4, t5, t6, t7 = [tl.load(t_ptrs + i) for i in (4, 5, 6, 7)]
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         scale_offs = rows[:, None] * stride_a + (k0 + 2 * offs_b[None, :]) // BLOCKSIZE
@@ -129,12 +132,14 @@ def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.const
 
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
-    """One launch shape of either kernel, or "bitsandbytes": use bnb's own matmul here."""
+    """One launch shape of one kernel, or "bitsandbytes": use bnb's own matmul here. Fields a
+    kernel does not read keep their defaults (num_stages: "gemm" only; threads_n and warps_n:
+    "gemv" only; w_left: "gemm" only; "wgmma" has block_m == 16 * num_warps)."""
 
     kernel: str  # "gemv", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
-    block_k: int = 0  # gemm: values of K per loop step
+    block_k: int = 0  # gemm, wgmma: values of K per loop step
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
@@ -151,6 +156,8 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def m_bucket(m: int) -> int:
+    """The bucket whose measured config serves M rows; M past the largest bucket (prefill
+    chunks) uses the largest bucket's."""
     for bucket in M_BUCKETS:
         if m <= bucket:
             return bucket
@@ -187,27 +194,41 @@ def _measured(m: int, n: int, k: int, device: torch.device) -> KernelConfig | No
     return table.get(f"{bucket}:{n}x{k}") or table.get(str(bucket))
 
 
+@functools.lru_cache(maxsize=8192)
 def kernel_for(m: int, n: int, k: int, device: torch.device) -> KernelConfig | None:
     """The fused launch to use in the engine for this shape, or None where bitsandbytes' own
-    kernel measured faster on this GPU, or nothing was measured for it."""
+    kernel measured faster on this GPU, nothing was measured, or the measured launch cannot
+    run this shape (a bucket's config measured on other layer shapes)."""
     config = _measured(m, n, k, device)
-    if config is None or config.kernel == "bitsandbytes":
+    if config is None or config.kernel == "bitsandbytes" or not fits(config, m, k, device):
         return None
-    return _fit(config, m)
+    return config
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """The fused launch for a direct call: the measured one, else a default."""
+    """The fused launch for a direct call: the measured one where it can run, else a default."""
     config = _measured(m, n, k, device)
-    if config is None or config.kernel == "bitsandbytes":
-        return default_config(m)
-    return _fit(config, m)
-
-
-def _fit(config: KernelConfig, m: int) -> KernelConfig:
-    if config.kernel == "gemv" and config.block_m < m:  # measured for a smaller M
+    if config is None or config.kernel == "bitsandbytes" or not fits(config, m, k, device):
         return default_config(m)
     return config
+
+
+def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
+    """Whether `config` can run M rows with this K on this device."""
+    if config.kernel == "gemv":
+        return config.block_m >= m
+    if config.kernel == "wgmma":
+        return (
+            k % config.block_k == 0
+            and config.block_m == 16 * config.num_warps
+            and _capability(device) == (9, 0)
+        )
+    return config.kernel == "gemm"
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def config_to_json(config: KernelConfig) -> dict[str, object]:
@@ -215,7 +236,10 @@ def config_to_json(config: KernelConfig) -> dict[str, object]:
 
 
 def supports(shape: tuple[int, int], blocksize: int) -> bool:
-    return shape[1] % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0
+    """Whether the fused kernels can run this layer: every row starts a new absmax block (they
+    index scales per row) and a thread's 32 values share one."""
+    k = shape[1]
+    return k % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0 and k % blocksize == 0
 
 
 def matmul_4bit(
@@ -232,9 +256,11 @@ def matmul_4bit(
     n, k = shape
     if not supports(shape, blocksize):
         raise ValueError(
-            f"the 4-bit kernel needs K ({k}) and the blocksize ({blocksize}) to be multiples "
-            f"of {GROUP_SIZE}"
+            f"the 4-bit kernel needs K ({k}) to be a multiple of the blocksize ({blocksize}), "
+            f"and both of {GROUP_SIZE}"
         )
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] != k:
+        raise ValueError(f"x must be fp16/bf16 with last dimension {k}, got {x.dtype} {x.shape}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -244,6 +270,8 @@ def matmul_4bit(
     if m == 0:
         return out.reshape(*lead, n)
     config = config or choose_config(m, n, k, x.device)
+    if config.kernel not in ("gemv", "wgmma", "gemm"):
+        raise ValueError(f"{config.kernel!r} is not a fused kernel")
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
@@ -269,13 +297,6 @@ def matmul_4bit(
     return out.reshape(*lead, n)
 
 
-def gemv_step_values(config: KernelConfig) -> int:
-    """Values of K one gemv program step covers: 32 per thread along K."""
-    threads_k = 32 // config.threads_n
-    warps_k = config.num_warps // config.warps_n
-    return 2 * BYTES_PER_THREAD_VALUE * threads_k * warps_k
-
-
 def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
     m = x2.shape[0]
     if config.block_m < m:
@@ -283,8 +304,8 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
     rows, spread = divmod(config.block_n, config.threads_n * config.warps_n)
     if spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n:
         raise ValueError(f"gemv config {config} does not tile its rows over threads and warps")
-    if x2.stride(0) % 2 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
+    if x2.stride(0) % 2 or x2.data_ptr() % 4:  # pairs must be whole, aligned int32s
+        x2 = x2.clone(memory_format=torch.contiguous_format)
     pairs = x2.view(torch.int32)  # (x[2i], x[2i+1]) per int32, as the kernel reads them
     grid = (triton.cdiv(n, config.block_n), config.split_k)
     gemv_4bit_kernel[grid](
@@ -297,13 +318,13 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
 
 
 def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
-    from engine.kernels.gemm_4bit import gemm_4bit_kernel  # Hopper-only module
+    from engine.kernels.wgmma_4bit import wgmma_4bit_kernel  # Hopper-only module
 
     m = x2.shape[0]
     if k % config.block_k or config.block_m != 16 * config.num_warps:
         raise ValueError(f"wgmma config {config} does not fit K={k} or its warps")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-    gemm_4bit_kernel[grid](
+    wgmma_4bit_kernel[grid](
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

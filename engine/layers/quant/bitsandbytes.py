@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -204,9 +205,10 @@ class BitsAndBytesLinearMethod(LinearMethod):
     """Holds `qweight` (uint8, out*in/2) and `absmax` (fp32, out*in/blocksize). In-flight mode
     quantizes each shard as it is loaded, so no 16-bit copy of the layer is ever held.
 
-    The matmul is nibble's fused Triton kernel (engine/kernels/matmul_4bit.py) where the layer's
-    kernels are on and the shape and dtype allow it (fp16/bf16 compute, 64-aligned blocks);
-    otherwise, and as the reference, bitsandbytes' own `matmul_4bit`."""
+    The matmul is nibble's fused kernel (engine/kernels/matmul_4bit.py) where the layer's
+    kernels are on, the shape and dtype allow it (CUDA, fp16/bf16 compute, rows of whole
+    absmax blocks) and this GPU's tuned table names a fused launch for the batch bucket and
+    shape; otherwise, and as the reference, bitsandbytes' own `matmul_4bit`."""
 
     def __init__(self, config: BitsAndBytesConfig) -> None:
         self.config = config
@@ -282,12 +284,14 @@ class BitsAndBytesLinearMethod(LinearMethod):
             dtype=layer.compute_dtype,
         )
         layer.code_table = None  # the fused kernel's form of the code; None: it cannot run here
-        if kernels_available(layer.absmax.device):
+        device = layer.absmax.device
+        # The fused kernels are PTX: a CUDA device, never Triton's CPU interpreter.
+        if device.type == "cuda" and kernels_available(device) and not _triton_interpreter():
             from engine.kernels import matmul_4bit as fused
             from engine.kernels.decode_4bit import code_table
 
             if fused.supports(layer.shape, self.config.bnb_4bit_blocksize):
-                layer.code_table = code_table(layer.quant_state.code, layer.absmax.device)
+                layer.code_table = code_table(layer.quant_state.code, device)
 
     def apply(self, layer, x, bias):
         if (
@@ -388,3 +392,7 @@ def _nest_and_denest(absmax: torch.Tensor) -> torch.Tensor:
     offset = absmax.mean()
     nested, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=_NESTED_BLOCKSIZE)
     return bnbF.dequantize_blockwise(nested, state2) + offset
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

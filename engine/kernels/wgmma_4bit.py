@@ -1,8 +1,8 @@
 """The larger-batch 4-bit matmul on Hopper tensor cores: a Gluon kernel that stages the decoded
 weights in shared memory itself, so the weight bytes are read once, coalesced, 16 per thread.
 
-Per K step of BLOCK_K values, each thread loads 16 packed bytes (32 values of one row, half an
-absmax block) of the [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (`decode_4bit`),
+Per K step of BLOCK_K values, each thread loads 16 packed bytes (32 values of one row, under
+one absmax) of the [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (`decode_4bit`),
 scales them by the block's absmax in fp32 and packs them into bf16 (or fp16) pairs in K order.
 The pairs go to a 128-byte-swizzled shared tile, x's [BLOCK_M, BLOCK_K] tile to another, and one
 warpgroup MMA computes out[BLOCK_M, BLOCK_N] += x W^T, W^T read K-major straight from the tile.
@@ -14,11 +14,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from engine.kernels.decode_4bit import CONSTRAINTS, DECODE_ASM
 from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
+from engine.kernels.decode_4bit import decode, load_code_table
 
-_CONSTRAINTS = gl.constexpr(CONSTRAINTS)
-_DECODE_ASM = gl.constexpr(DECODE_ASM)
 TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
 # Two fp32 values -> one register of two 16-bit values, the first in the low half (K order).
 _PACK_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $2, $1;")
@@ -32,10 +30,7 @@ def _mma_step(
 ):  # fmt: skip
     """One K step: decode, scale and pack the weight bytes into the shared tile, x beside it,
     then acc += x_tile @ w_tile^T on the warpgroup's tensor cores."""
-    high, low = gl.inline_asm_elementwise(
-        _DECODE_ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
-        dtype=(gl.float32, gl.float32), is_pure=True, pack=4,
-    )  # fmt: skip
+    high, low = decode(packed, t0, t1, t2, t3, t4, t5, t6, t7)
     scale3 = gl.expand_dims(scale, 2)
     pairs = gl.inline_asm_elementwise(
         PACK_ASM, "=r,r,r", [high * scale3, low * scale3], dtype=gl.int32, is_pure=True, pack=1
@@ -51,7 +46,7 @@ def _mma_step(
 
 
 @gluon.jit
-def gemm_4bit_kernel(
+def wgmma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -105,14 +100,7 @@ def gemm_4bit_kernel(
     s_block = gl.expand_dims(s_c * 32, 0) // BLOCKSIZE
     s_ptrs = absmax_ptr + gl.expand_dims(s_rows * stride_a, 1) + s_block
     t_ptrs = table_ptr + (gl.expand_dims(gl.expand_dims(w_n, 1), 2) % 32) * TABLE_WORDS
-    t0 = gl.load(t_ptrs + 0)
-    t1 = gl.load(t_ptrs + 1)
-    t2 = gl.load(t_ptrs + 2)
-    t3 = gl.load(t_ptrs + 3)
-    t4 = gl.load(t_ptrs + 4)
-    t5 = gl.load(t_ptrs + 5)
-    t6 = gl.load(t_ptrs + 6)
-    t7 = gl.load(t_ptrs + 7)
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
 
     x_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
     x_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))

@@ -1,0 +1,47 @@
+"""How the fused 4-bit matmul is chosen and what it refuses: pure dispatch logic, no GPU needed
+(Triton must be importable; CI, which has none, skips these)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
+    """A bucket's config was measured on other layer shapes: where it cannot run this one (the
+    warpgroup kernel needs K to be a multiple of its step, e.g. a tensor-parallel shard of a down
+    projection), the engine falls back to bitsandbytes and direct calls to a default."""
+    from engine.kernels import matmul_4bit as mm
+
+    table = {
+        "16": mm.KernelConfig("wgmma", 64, 64, 128, 4, 4),
+        "1": mm.KernelConfig("gemv", 1, 4, num_warps=2),
+    }
+    monkeypatch.setattr(mm, "_measured", lambda m, n, k, device: table[str(mm.m_bucket(m))])
+    monkeypatch.setattr(mm, "_capability", lambda device: (9, 0))
+    mm.kernel_for.cache_clear()
+    cuda = torch.device("cuda")
+    try:
+        assert mm.kernel_for(16, 4096, 4096, cuda) == table["16"]
+        assert mm.kernel_for(16, 4096, 2752, cuda) is None  # 2752 = 21.5 steps of 128
+        assert mm.choose_config(16, 4096, 2752, cuda) == mm.default_config(16)
+        assert mm.kernel_for(1, 4096, 2752, cuda) == table["1"]
+        monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no warpgroup MMA
+        mm.kernel_for.cache_clear()
+        assert mm.kernel_for(16, 4096, 4096, cuda) is None
+    finally:
+        mm.kernel_for.cache_clear()
+
+
+def test_layers_the_kernels_cannot_index_are_refused():
+    """Scales are indexed per row, so K must hold whole absmax blocks; x must be 16-bit."""
+    from engine.kernels import matmul_4bit as mm
+
+    assert mm.supports((4096, 11008), 64)
+    assert not mm.supports((4096, 5504), 256)  # 5504 = 21.5 blocks of 256
+    packed = torch.zeros(64 * 256 // 2, dtype=torch.uint8)
+    absmax = torch.ones(64 * 256 // 64)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        mm.matmul_4bit(torch.zeros(2, 256), packed, absmax, torch.zeros(32, 8), (64, 256), 64)
