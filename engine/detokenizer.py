@@ -7,7 +7,11 @@ from functools import lru_cache
 
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+try:  # transformers 5: the tokenizers-backed class
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend as _FastTokenizer
+except ImportError:  # transformers 4
+    from transformers import PreTrainedTokenizerFast as _FastTokenizer
 
 from engine.sequence import Sequence
 
@@ -21,9 +25,9 @@ def _fast_decode(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int], boo
     backend = getattr(tokenizer, "_tokenizer", None)
     cls = type(tokenizer)
     plain = (  # a subclass that overrides decoding keeps its own
-        isinstance(tokenizer, TokenizersBackend)
+        isinstance(tokenizer, _FastTokenizer)
         and cls.decode is PreTrainedTokenizerBase.decode
-        and cls._decode is TokenizersBackend._decode
+        and cls._decode is _FastTokenizer._decode
     )
     if plain and isinstance(backend, Tokenizer) and not tokenizer.clean_up_tokenization_spaces:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
