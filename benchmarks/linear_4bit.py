@@ -55,10 +55,10 @@ def main() -> None:
             w, blocksize=64, quant_type="nf4", compress_statistics=True
         )
         absmax = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-        count = copies_for(w.numel() // 2)
+        count = copies_for(w.numel() // 2 + 4 * absmax.numel())
         layers[name] = {
             "packed": [packed.view(-1).clone() for _ in range(count)],
-            "absmax": absmax.view(-1),
+            "absmax": [absmax.view(-1).clone() for _ in range(count)],
             "state": state,
             "table": code_table(state.code, device),
             "bf16": [w.clone() for _ in range(copies_for(2 * w.numel()))],
@@ -72,10 +72,11 @@ def main() -> None:
         for name, (n, k) in LLAMA2_7B.items():
             layer = layers[name]
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            absmax, state, table = layer["absmax"], layer["state"], layer["table"]
+            state, table = layer["state"], layer["table"]
+            copies = list(zip(layer["packed"], layer["absmax"], strict=True))
             times = {
                 "ours": time_in_graph([
-                    partial(matmul_4bit, x, p, absmax, table, (n, k), 64) for p in layer["packed"]
+                    partial(matmul_4bit, x, p, a, table, (n, k), 64) for p, a in copies
                 ]),
                 "bnb": time_in_graph([
                     partial(bnb.matmul_4bit, x, p.view(-1, 1), state) for p in layer["packed"]

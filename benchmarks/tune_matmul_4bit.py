@@ -89,16 +89,22 @@ def random_weight(n: int, k: int, device):
 
 
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
-    """bitsandbytes' matmul_4bit per layer (ms): the bar a fused config must beat."""
+    """bitsandbytes' matmul_4bit per layer (ms), called as the engine's fallback calls it (a
+    plain state over the de-nested fp32 absmax, engine/layers/quant/bitsandbytes.py): the bar a
+    fused config must beat."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
 
     times = {}
-    for name, (_, k) in LLAMA2_7B.items():
-        state = weights[name][3]
-        calls = [
-            functools.partial(bnb.matmul_4bit, x[k], packed.view(-1, 1), state)
-            for packed, _ in copies[name]
-        ]
+    for name, (n, k) in LLAMA2_7B.items():
+        code = weights[name][3].code
+        calls = []
+        for packed, absmax in copies[name]:
+            state = bnbF.QuantState(
+                absmax=absmax, shape=torch.Size((n, k)), code=code, blocksize=64,
+                quant_type="nf4", dtype=torch.bfloat16,
+            )  # fmt: skip
+            calls.append(functools.partial(bnb.matmul_4bit, x[k], packed.view(-1, 1), state))
         times[name] = time_in_graph(calls)
     return times
 
