@@ -200,21 +200,17 @@ def kernel_for(m: int, n: int, k: int, device: torch.device) -> KernelConfig | N
     kernel measured faster on this GPU, nothing was measured, or the measured launch cannot
     run this shape (a bucket's config measured on other layer shapes)."""
     config = _measured(m, n, k, device)
-    if config is None or config.kernel == "bitsandbytes" or not fits(config, m, k, device):
-        return None
-    return config
+    return config if config is not None and fits(config, m, k, device) else None
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """The fused launch for a direct call: the measured one where it can run, else a default."""
-    config = _measured(m, n, k, device)
-    if config is None or config.kernel == "bitsandbytes" or not fits(config, m, k, device):
-        return default_config(m)
-    return config
+    return kernel_for(m, n, k, device) or default_config(m)
 
 
 def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
-    """Whether `config` can run M rows with this K on this device."""
+    """Whether `config` names a fused launch that can run M rows with this K on this device
+    ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
         return config.block_m >= m
     if config.kernel == "wgmma":
@@ -270,8 +266,8 @@ def matmul_4bit(
     if m == 0:
         return out.reshape(*lead, n)
     config = config or choose_config(m, n, k, x.device)
-    if config.kernel not in ("gemv", "wgmma", "gemm"):
-        raise ValueError(f"{config.kernel!r} is not a fused kernel")
+    if not fits(config, m, k, x.device):
+        raise ValueError(f"{config} is not a fused launch for {m} rows, K={k}, on {x.device}")
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
@@ -299,8 +295,6 @@ def matmul_4bit(
 
 def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
     m = x2.shape[0]
-    if config.block_m < m:
-        raise ValueError(f"gemv config for {config.block_m} rows used for {m}")
     rows, spread = divmod(config.block_n, config.threads_n * config.warps_n)
     if spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n:
         raise ValueError(f"gemv config {config} does not tile its rows over threads and warps")
@@ -321,8 +315,6 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
     from engine.kernels.wgmma_4bit import wgmma_4bit_kernel  # Hopper-only module
 
     m = x2.shape[0]
-    if k % config.block_k or config.block_m != 16 * config.num_warps:
-        raise ValueError(f"wgmma config {config} does not fit K={k} or its warps")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     wgmma_4bit_kernel[grid](
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
