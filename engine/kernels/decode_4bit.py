@@ -18,6 +18,8 @@ bitsandbytes' dequantization gives within bf16 rounding; an fp16 one slightly co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -44,9 +46,14 @@ def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoder's eight int32 words (high bytes, then low bytes),
     repeated 32 times ([32, 8]): kernels index the copies by something that varies across a
     warp's threads (a chunk or row index, mod 32), so each thread loads a table of its own and
-    the compiler keeps it in ordinary registers rather than uniform ones."""
-    words = _table_words(tuple(code.float().cpu().tolist()))
-    table = torch.tensor(words, dtype=torch.int64).to(torch.int32)
+    the compiler keeps it in ordinary registers rather than uniform ones. One read-only tensor
+    per code and device, shared by every layer that uses it."""
+    return _code_table(tuple(code.float().cpu().tolist()), torch.device(device))
+
+
+@functools.cache
+def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(_table_words(code), dtype=torch.int64).to(torch.int32)
     return table.repeat(32, 1).to(device)
 
 
