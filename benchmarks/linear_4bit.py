@@ -14,20 +14,12 @@ from functools import partial
 from pathlib import Path
 
 import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 import triton
 
 from benchmarks.graph_timing import copies_for, time_in_graph
-from engine.kernels.decode_4bit import code_table
+from benchmarks.llama2_7b_layers import LLAMA2_7B, quantized_layer, weight_copies
 from engine.kernels.matmul_4bit import choose_config, config_to_json, kernel_for, matmul_4bit
-
-LLAMA2_7B = {
-    "qkv": (12288, 4096),
-    "o": (4096, 4096),
-    "gate_up": (22016, 4096),
-    "down": (4096, 11008),
-}
 
 
 def copy_bandwidth(device) -> float:
@@ -50,20 +42,14 @@ def main() -> None:
 
     layers = {}
     for name, (n, k) in LLAMA2_7B.items():
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-        packed, state = bnbF.quantize_4bit(
-            w, blocksize=64, quant_type="nf4", compress_statistics=True
-        )
-        absmax = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-        count = copies_for(w.numel() // 2 + 4 * absmax.numel())
+        layer = quantized_layer(n, k, device)
         layers[name] = {
-            "packed": [packed.view(-1).clone() for _ in range(count)],
-            "absmax": [absmax.view(-1).clone() for _ in range(count)],
-            "state": state,
-            "table": code_table(state.code, device),
-            "bf16": [w.clone() for _ in range(copies_for(2 * w.numel()))],
+            "copies": weight_copies(layer),
+            "state": layer.state,
+            "table": layer.table,
+            # bnb's dequantized weight: a bf16 matrix of the same shape (timing ignores values)
+            "bf16": [layer.reference.clone() for _ in range(copies_for(2 * n * k))],
         }
-        del w
 
     rows = []
     for m in args.batch_sizes:
@@ -73,13 +59,13 @@ def main() -> None:
             layer = layers[name]
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             state, table = layer["state"], layer["table"]
-            copies = list(zip(layer["packed"], layer["absmax"], strict=True))
+            copies = layer["copies"]
             times = {
                 "ours": time_in_graph([
                     partial(matmul_4bit, x, p, a, table, (n, k), 64) for p, a in copies
                 ]),
                 "bnb": time_in_graph([
-                    partial(bnb.matmul_4bit, x, p.view(-1, 1), state) for p in layer["packed"]
+                    partial(bnb.matmul_4bit, x, p.view(-1, 1), state) for p, _ in copies
                 ]),
                 "bf16": time_in_graph([partial(torch.matmul, x, w.t()) for w in layer["bf16"]]),
             }  # fmt: skip

@@ -21,23 +21,14 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks.graph_timing import copies_for, time_in_graph
-from engine.kernels.decode_4bit import code_table
+from benchmarks.graph_timing import time_in_graph
+from benchmarks.llama2_7b_layers import LLAMA2_7B, quantized_layer, weight_copies
 from engine.kernels.matmul_4bit import (
     M_BUCKETS,
     KernelConfig,
     config_to_json,
     matmul_4bit,
 )
-
-# Llama-2-7B linears as nibble runs them (q/k/v and gate/up merged): (N, K).
-LLAMA2_7B = {
-    "qkv": (12288, 4096),
-    "o": (4096, 4096),
-    "gate_up": (22016, 4096),
-    "down": (4096, 11008),
-}
-
 
 # gemv thread shapes: (num_warps, threads_n, warps_n); K per step = 32 * (32 / threads_n) *
 # (num_warps / warps_n) values.
@@ -76,18 +67,6 @@ def candidates(m: int) -> list[KernelConfig]:
     return out
 
 
-def random_weight(n: int, k: int, device):
-    """NF4 + DQ weights as the engine holds them: packed bytes, de-nested fp32 absmax, the
-    decoder's code table, and bitsandbytes' own state and dequantized weight (the reference)."""
-    import bitsandbytes.functional as bnbF
-
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
-    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    absmax = (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-    reference = bnbF.dequantize_4bit(packed, state)
-    return packed.view(-1), absmax.view(-1), code_table(state.code, device), state, reference
-
-
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
     """bitsandbytes' matmul_4bit per layer (ms), called as the engine's fallback calls it (a
     plain state over the de-nested fp32 absmax, engine/layers/quant/bitsandbytes.py): the bar a
@@ -97,7 +76,7 @@ def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
 
     times = {}
     for name, (n, k) in LLAMA2_7B.items():
-        code = weights[name][3].code
+        code = weights[name].state.code
         calls = []
         for packed, absmax in copies[name]:
             state = bnbF.QuantState(
@@ -109,22 +88,13 @@ def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
     return times
 
 
-def weight_copies(weights: dict) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Enough copies of each layer's packed bytes and absmax that they do not fit in L2."""
-    out = {}
-    for name, (packed, absmax, *_) in weights.items():
-        count = copies_for(packed.numel() + 4 * absmax.numel())
-        out[name] = [(packed.clone(), absmax.clone()) for _ in range(count)]
-    return out
-
-
 def _compile_worker(jobs: list[tuple[int, tuple[int, int], dict]]) -> int:
     device = torch.device("cuda")
     failures = 0
     weights = {}
     for m, (n, k), cfg in jobs:
         if (n, k) not in weights:
-            weights[n, k] = random_weight(n, k, device)
+            weights[n, k] = quantized_layer(n, k, device)
         packed, absmax, table, _, _ = weights[n, k]
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         try:
@@ -165,8 +135,8 @@ def main() -> None:
     precompile(jobs, args.workers)
     print(f"compile pass: {time.time() - start:.0f} s", flush=True)
 
-    weights = {name: random_weight(n, k, device) for name, (n, k) in LLAMA2_7B.items()}
-    copies = weight_copies(weights)
+    weights = {name: quantized_layer(n, k, device) for name, (n, k) in LLAMA2_7B.items()}
+    copies = {name: weight_copies(layer) for name, layer in weights.items()}
     table_out: dict[str, dict] = {}
     measurements = []
     for m in args.buckets:
@@ -174,7 +144,8 @@ def main() -> None:
             k: torch.randn(m, k, dtype=torch.bfloat16, device=device) for _, k in LLAMA2_7B.values()
         }
         expected = {
-            name: x[k].float() @ weights[name][4].float().T for name, (_, k) in LLAMA2_7B.items()
+            name: x[k].float() @ weights[name].reference.float().T
+            for name, (_, k) in LLAMA2_7B.items()
         }
         totals: dict[KernelConfig, float] = {}
         best: dict[str, tuple[float, KernelConfig]] = {}
