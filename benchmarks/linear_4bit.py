@@ -95,7 +95,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"batch {m:>3}: ours {row['ours_us']:>8.1f} us  bnb {row['bnb_us']:>8.1f} us  "
-            f"bf16 {row['bf16_us']:>8.1f} us  | vs bnb x{row['ours_vs_bnb_speedup']:.2f}  "
+            f"bf16 {row['bf16_us']:>8.1f} us  engine {row['engine_us']:>8.1f} us  "
+            f"| vs bnb x{row['ours_vs_bnb_speedup']:.2f}  "
             f"ours/bf16 {row['ours_over_bf16_time']:.2f}  "
             f"{row['ours_4bit_bytes_GB_s']:.0f} GB/s = "
             f"{100 * row['ours_fraction_of_copy_bw']:.0f}% of copy",

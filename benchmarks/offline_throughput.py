@@ -38,7 +38,8 @@ def sync() -> None:
 def time_ours(llm: LLM, batch_prompts, output_len: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in batch_prompts]
-    llm.generate(requests[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    # Warm-up: the same batch, two tokens (kernels a cold machine compiles on first use).
+    llm.generate(requests, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     sync()
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)

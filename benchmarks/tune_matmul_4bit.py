@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import multiprocessing as mp
 import time
@@ -27,6 +28,7 @@ from engine.kernels.matmul_4bit import (
     M_BUCKETS,
     KernelConfig,
     config_to_json,
+    fits,
     matmul_4bit,
 )
 
@@ -48,15 +50,20 @@ def candidates(m: int) -> list[KernelConfig]:
                         KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
                                      warps_n=warps_n)
                     )  # fmt: skip
+    # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
+    # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
+    splits = (1, 2, 4) if m <= 64 else (1, 2)
+    for bn, bk, split, warps, stages in itertools.product(
+        (64, 128), (64, 128), splits, (4, 8), (3, 4)
+    ):
+        bm = min(max(8, triton.next_power_of_2(m)), 128)
+        out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=True))
+        if m >= 32:
+            bm = 16 * warps
+            out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
+    # At most 128 fp32 accumulators per thread: more spill.
+    out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:
-        # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs.
-        for bm in (64, 128) if m >= 128 else (64,):
-            for bn in (64, 128, 256):
-                for bk in (64, 128):
-                    if bn < (32 // (bk // 32)) * (bm // 16):
-                        continue  # fewer weight rows than the warps' threads cover
-                    for split in (1, 2, 4) if m <= 64 else (1, 2):
-                        out.append(KernelConfig("wgmma", bm, bn, bk, split, bm // 16))
         # The portable Triton kernel, W as the left operand (registers) or the right one.
         for w_left in (True, False):
             bm = min(max(triton.next_power_of_2(m), 16), 128) if w_left else 64
@@ -64,7 +71,8 @@ def candidates(m: int) -> list[KernelConfig]:
                 for bk in (64, 128):
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
-    return out
+    device = torch.device("cuda")
+    return [c for c in out if c.kernel != "wgmma" or fits(c, m, 4096, device)]
 
 
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:

@@ -14,7 +14,14 @@ Kernels run `DECODE_ASM` through `inline_asm_elementwise` with `pack=4` and argu
 bytes 0..3 of input $8, $4..$7 the low-nibble ones; each table word arrives four times (one per
 packed element), of which the asm reads the first. The codes are the table's values rounded to
 bf16 (NF4's within 0.3%; the rounding of a bf16 weight itself), so a bf16 model sees what
-bitsandbytes' dequantization gives within bf16 rounding; an fp16 one slightly coarser codes."""
+bitsandbytes' dequantization gives within bf16 rounding; an fp16 one slightly coarser codes.
+
+`DECODE_PAIRS_ASM` (tensor-core kernels) stops earlier: it leaves each byte's two codes as one
+register of two 16-bit values in K order (the high nibble's value in the low half, as MMA
+operands want them) and scales them there with one packed multiply (`mul.rn.bf16x2` or
+`.f16x2`) by the block's absmax rounded to 16 bits, about 20 instructions per four bytes instead
+of about 40 through fp32. The table it reads is in x's 16-bit type: `code_table` holds the codes
+both as bf16 (words 0-7, which the fp32 decoder also widens) and as fp16 (words 8-15)."""
 
 from __future__ import annotations
 
@@ -26,7 +33,10 @@ from triton.experimental.gluon import language as gl
 
 # 8 outputs; the packed bytes; 8 table words x 4 elements each.
 CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * (1 + 8 * 4))
-TABLE_WORDS = 8
+# 4 outputs; the packed bytes; the scale pair x 4; 8 table words x 4.
+PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 4 + 8 * 4))
+TABLE_WORDS = 8  # one table: the codes in one 16-bit type
+TABLE_STRIDE = 16  # words per copy in code_table: the bf16 table, then the fp16 one
 
 
 def _words(values: list[int]) -> list[int]:
@@ -34,50 +44,60 @@ def _words(values: list[int]) -> list[int]:
     return [sum(values[4 * w + i] << (8 * i) for i in range(4)) for w in range(4)]
 
 
-def _table_words(code: tuple[float, ...]) -> list[int]:
+def _table_words(code: tuple[float, ...], dtype: torch.dtype) -> list[int]:
     if len(code) != 16:
         raise ValueError(f"a 4-bit code table has 16 entries, got {len(code)}")
-    bits = torch.tensor(code, dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
+    bits = torch.tensor(code, dtype=torch.float32).to(dtype).view(torch.int16)
     bits = [int(b) & 0xFFFF for b in bits.tolist()]
     return _words([b >> 8 for b in bits]) + _words([b & 0xFF for b in bits])
 
 
 def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The 16-entry code table as the decoder's eight int32 words (high bytes, then low bytes),
-    repeated 32 times ([32, 8]): kernels index the copies by something that varies across a
-    warp's threads (a chunk or row index, mod 32), so each thread loads a table of its own and
-    the compiler keeps it in ordinary registers rather than uniform ones. One read-only tensor
+    """The 16-entry code table as the decoders' int32 words: eight for the codes as bf16 (high
+    bytes, then low bytes), eight more for them as fp16; repeated 32 times ([32, 16]). Kernels
+    index the copies by something that varies across a warp's threads (a chunk or row index,
+    mod 32), so each thread loads a table of its own and the compiler keeps it in ordinary
+    registers rather than uniform ones. One read-only tensor
     per code and device, shared by every layer that uses it."""
     return _code_table(tuple(code.float().cpu().tolist()), torch.device(device))
 
 
 @functools.cache
 def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(_table_words(code), dtype=torch.int64).to(torch.int32)
+    words = _table_words(code, torch.bfloat16) + _table_words(code, torch.float16)
+    table = torch.tensor(words, dtype=torch.int64).to(torch.int32)
     return table.repeat(32, 1).to(device)
 
 
+def _lookup(packed: str, first_table_arg: int, half: int) -> list[str]:
+    """Asm setting H and L to the high and low bytes of the codes of nibbles 4*half..4*half+3 of
+    `packed` (bytes b0..b3, nibbles low b0, high b0, low b1, ... from bit 0 up)."""
+    table = {f"{name}{i}": f"${first_table_arg + 4 * (4 * t + i)}"
+             for t, name in enumerate(("hb", "lb")) for i in range(4)}  # fmt: skip
+    lines = []
+    if half == 0:
+        # As table indices, a nibble's low three bits pick within a table half and its top bit
+        # picks the half (prmt selector 4 + i): sel holds the former, pick the latter.
+        lines += [
+            f"and.b32 sel, {packed}, 0x77777777;",
+            f"shr.b32 t, {packed}, 1;",
+            "lop3.b32 pick, t, 0x44444444, 0x32103210, 0xea;",  # (t & 0x4444..) | 0x3210..
+        ]
+    else:  # prmt reads selector bits 15:0
+        lines += ["shr.b32 sel, sel, 16;", "shr.b32 pick, pick, 16;"]
+    for name, out in (("hb", "H"), ("lb", "L")):
+        lines += [
+            f"prmt.b32 a, {table[name + '0']}, {table[name + '1']}, sel;",
+            f"prmt.b32 b, {table[name + '2']}, {table[name + '3']}, sel;",
+            f"prmt.b32 {out}, a, b, pick;",
+        ]
+    return lines
+
+
 def _decode_asm() -> str:
-    table = {f"{name}{i}": f"${9 + 4 * (4 * t + i)}" for t, name in enumerate(("hb", "lb"))
-             for i in range(4)}  # fmt: skip
     lines = ["{", ".reg .b32 sel, pick, t, a, b, H, L, P, Q;"]
-    # $8 = bytes b0..b3, nibbles (low b0, high b0, low b1, ...) from bit 0 up. As table indices,
-    # a nibble's low three bits pick within a table half and its top bit picks the half
-    # (prmt selector 4 + i): sel holds the former, pick the latter, for all eight nibbles.
-    lines += [
-        "and.b32 sel, $8, 0x77777777;",
-        "shr.b32 t, $8, 1;",
-        "lop3.b32 pick, t, 0x44444444, 0x32103210, 0xea;",  # (t & 0x4444..) | 0x3210..
-    ]
-    for half in range(2):  # bytes 0-1, then bytes 2-3 (prmt reads selector bits 15:0)
-        if half:
-            lines += ["shr.b32 sel, sel, 16;", "shr.b32 pick, pick, 16;"]
-        for name, out in (("hb", "H"), ("lb", "L")):
-            lines += [
-                f"prmt.b32 a, {table[name + '0']}, {table[name + '1']}, sel;",
-                f"prmt.b32 b, {table[name + '2']}, {table[name + '3']}, sel;",
-                f"prmt.b32 {out}, a, b, pick;",
-            ]
+    for half in range(2):  # bytes 0-1, then bytes 2-3
+        lines += _lookup("$8", 9, half)
         # P = bf16 pair (code(low b), code(high b)); Q the same for the next byte.
         lines += ["prmt.b32 P, L, H, 0x5140;", "prmt.b32 Q, L, H, 0x7362;"]
         first, second = 2 * half, 2 * half + 1
@@ -91,7 +111,22 @@ def _decode_asm() -> str:
     return "\n".join(lines)
 
 
+def _decode_pairs_asm(multiply: str) -> str:
+    """$0..$3: byte i's (high-nibble, low-nibble) codes as one 16-bit pair, low half first,
+    times the scale pair $5; $4: the packed bytes; table words from $9."""
+    lines = ["{", ".reg .b32 sel, pick, t, a, b, H, L, P, Q;"]
+    for half in range(2):
+        lines += _lookup("$4", 9, half)
+        # P = (code(high nibble), code(low nibble)) of byte 2*half, low half first; Q the next.
+        lines += ["prmt.b32 P, L, H, 0x4051;", "prmt.b32 Q, L, H, 0x6273;"]
+        lines += [f"{multiply} ${2 * half}, P, $5;", f"{multiply} ${2 * half + 1}, Q, $5;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
 DECODE_ASM = _decode_asm()
+DECODE_PAIRS_BF16_ASM = _decode_pairs_asm("mul.rn.bf16x2")
+DECODE_PAIRS_FP16_ASM = _decode_pairs_asm("mul.rn.f16x2")
 
 
 _ASM = gl.constexpr(DECODE_ASM)

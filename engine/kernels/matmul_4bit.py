@@ -11,7 +11,8 @@ Three kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
   once. The weight bytes are the whole cost, so it streams them with wide loads.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
-  staged in shared memory for warpgroup MMAs.
+  staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
+  MMA's 64-row side (`w_left`, small batches) or x.
 - "gemm" (`_gemm_4bit` here, Triton, any GPU): more rows; W decoded, scaled and cast in
   registers as the left (`w_left`) or right operand of `tl.dot`, x's even and odd columns
   meeting W's high and low nibbles as two dots.
@@ -81,8 +82,8 @@ def _gemm_4bit(
     dot_dtype = x_ptr.dtype.element_ty
     # The code table, one copy per lane (decode_4bit.code_table), read per thread: ordinary
     # registers, which prmt reads directly (uniform ones would be copied at every use).
-    t_ptrs = table_ptr + (offs_n[:, None] % 32) * 8
-    t0, t1, t2, t3 = [tl.load(t_ptrs + i) for i in (0, 1, 2, 3)]  # TABLE_WORDS == 8
+    t_ptrs = table_ptr + (offs_n[:, None] % 32) * 16  # TABLE_STRIDE; the bf16 words
+    t0, t1, t2, t3 = [tl.load(t_ptrs + i) for i in (0, 1, 2, 3)]
     t4, t5, t6, t7 = [tl.load(t_ptrs + i) for i in (4, 5, 6, 7)]
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         scale_offs = rows[:, None] * stride_a + (k0 + 2 * offs_b[None, :]) // BLOCKSIZE
@@ -133,8 +134,8 @@ def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.const
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
     """One launch shape of one kernel, or "bitsandbytes": use bnb's own matmul here. Fields a
-    kernel does not read keep their defaults (num_stages: "gemm" only; threads_n and warps_n:
-    "gemv" only; w_left: "gemm" only; "wgmma" has block_m == 16 * num_warps)."""
+    kernel does not read keep their defaults (num_stages: "gemm" and "wgmma"; threads_n and
+    warps_n: "gemv" only; w_left: "gemm" and "wgmma")."""
 
     kernel: str  # "gemv", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
@@ -147,7 +148,9 @@ class KernelConfig:
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
     threads_n: int = 1
     warps_n: int = 1
-    # gemm: W as the dot's left operand (in registers), or the right one (via shared memory)
+    # gemm: W as the dot's left operand (in registers), or the right one (via shared memory).
+    # wgmma: W as the MMA's 64-row side (block_n a multiple of 16 * num_warps, block_m of 8),
+    # or x (block_m == 16 * num_warps).
     w_left: bool = True
 
 
@@ -157,7 +160,7 @@ M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def m_bucket(m: int) -> int:
     """The bucket whose measured config serves M rows; M past the largest bucket (prefill
-    chunks) uses the largest bucket's."""
+    chunks) uses the largest bucket's in direct calls (the engine sends it to bitsandbytes)."""
     for bucket in M_BUCKETS:
         if m <= bucket:
             return bucket
@@ -197,8 +200,12 @@ def _measured(m: int, n: int, k: int, device: torch.device) -> KernelConfig | No
 @functools.lru_cache(maxsize=8192)
 def kernel_for(m: int, n: int, k: int, device: torch.device) -> KernelConfig | None:
     """The fused launch to use in the engine for this shape, or None where bitsandbytes' own
-    kernel measured faster on this GPU, nothing was measured, or the measured launch cannot
-    run this shape (a bucket's config measured on other layer shapes)."""
+    kernel measured faster on this GPU, nothing was measured, the measured launch cannot run
+    this shape (a bucket's config measured on other layer shapes), or M is past the largest
+    bucket: there (prefill chunks) the fused kernels would decode the weights again for every
+    tile of rows, while bitsandbytes dequantizes them once and cuBLAS multiplies at full rate."""
+    if m > M_BUCKETS[-1]:
+        return None
     config = _measured(m, n, k, device)
     return config if config is not None and fits(config, m, k, device) else None
 
@@ -215,11 +222,25 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
         return config.block_m >= m
     if config.kernel == "wgmma":
         return (
-            k % config.block_k == 0
-            and config.block_m == 16 * config.num_warps
+            _wgmma_tiles(config)
+            and k % config.block_k == 0
+            and m > 0
             and _capability(device) == (9, 0)
         )
     return config.kernel == "gemm"
+
+
+def _wgmma_tiles(config: KernelConfig) -> bool:
+    """Whether the warpgroup kernel can tile this way: whole 16-byte chunks per thread, enough
+    weight rows for every thread, and MMA shapes Hopper has (M 64 per warpgroup, N 8-256)."""
+    bm, bn, bk, warps = config.block_m, config.block_n, config.block_k, config.num_warps
+    if bk not in (32, 64, 128) or warps not in (4, 8) or bn < (32 // (bk // 32)) * warps:
+        return False
+    if config.num_stages < 2:  # copies run at least one step ahead
+        return False
+    if config.w_left:  # W rows: the MMA's M; the batch: its N
+        return bn % (16 * warps) == 0 and bm % 8 == 0 and 8 <= bm <= 256
+    return bm == 16 * warps and bn % 8 == 0 and bn <= 256
 
 
 @functools.cache
@@ -320,5 +341,6 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=config.split_k, num_warps=config.num_warps,
+        SPLIT_K=config.split_k, W_LEFT=config.w_left, NUM_STAGES=config.num_stages,
+        num_warps=config.num_warps,
     )  # fmt: skip

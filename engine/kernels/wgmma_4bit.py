@@ -1,47 +1,102 @@
 """The larger-batch 4-bit matmul on Hopper tensor cores: a Gluon kernel that stages the decoded
 weights in shared memory itself, so the weight bytes are read once, coalesced, 16 per thread.
 
-Per K step of BLOCK_K values, each thread loads 16 packed bytes (32 values of one row, under
-one absmax) of the [BLOCK_N, BLOCK_K] weight tile, decodes them in registers (`decode_4bit`),
-scales them by the block's absmax in fp32 and packs them into bf16 (or fp16) pairs in K order.
-The pairs go to a 128-byte-swizzled shared tile, x's [BLOCK_M, BLOCK_K] tile to another, and one
-warpgroup MMA computes out[BLOCK_M, BLOCK_N] += x W^T, W^T read K-major straight from the tile.
-Two steps' bytes are requested before either is decoded."""
+Per K step of BLOCK_K values, each thread copies 16 packed bytes (32 values of one row, under
+one absmax) of the [BLOCK_N, BLOCK_K] weight tile, their absmax and its part of x's
+[BLOCK_M, BLOCK_K] tile into shared memory with `cp.async`, NUM_STAGES - 1 steps ahead of the
+step it computes: a decode kernel keeps few bytes in flight per thread, and without the copies
+running ahead it waits on HBM latency, not bandwidth. To compute a step, each thread reads its
+own bytes back, decodes them in registers straight into scaled 16-bit pairs in K order
+(`decode_4bit.DECODE_PAIRS_*`) and stores them to a 128-byte-swizzled weight tile; warpgroup
+MMAs read it and x's staged tile:
+- W_LEFT: out^T[BLOCK_N, BLOCK_M] += W x^T, the weight tile as the MMA's 64-row side and the
+  batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
+- else: out[BLOCK_M, BLOCK_N] += x W^T, BLOCK_M = 16 * num_warps rows of x.
+Weight tiles are double-buffered and MMAs asynchronous: step i+1's bytes are decoded while step
+i's MMA runs."""
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
+from engine.kernels.decode_4bit import DECODE_PAIRS_BF16_ASM, DECODE_PAIRS_FP16_ASM, load_code_table
+from engine.kernels.decode_4bit import PAIRS_CONSTRAINTS as _PAIRS_CONSTRAINTS
+from engine.kernels.decode_4bit import TABLE_STRIDE as _TABLE_STRIDE
 from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
-from engine.kernels.decode_4bit import decode, load_code_table
 
 TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
-# Two fp32 values -> one register of two 16-bit values, the first in the low half (K order).
-_PACK_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $2, $1;")
-_PACK_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")
+TABLE_STRIDE = gl.constexpr(_TABLE_STRIDE)
+PAIRS_CONSTRAINTS = gl.constexpr(_PAIRS_CONSTRAINTS)
+_DECODE_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
+_DECODE_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
+# The absmax, rounded to x's 16-bit type, in both halves of a register.
+_SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
+_SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
+
+
+@gluon.jit
+def _copy_step(
+    i, n_steps, w_stage, s_stage, x_stage, w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k,
+    SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
+):  # fmt: skip
+    """Start copying step i's weight bytes, scales and x tile into one stage; a step past this
+    program's last copies nothing (but still commits a group, so group counts stay in step)."""
+    k = (pid_k + i * SPLIT_K) * BLOCK_K
+    live = i < n_steps
+    async_copy.async_copy_global_to_shared(w_stage, w_ptrs + k // 2, mask=live)
+    async_copy.async_copy_global_to_shared(s_stage, s_ptrs + k // BLOCKSIZE, mask=live)
+    async_copy.async_copy_global_to_shared(x_stage, x_ptrs + k, mask=x_ok & live)
+    async_copy.commit_group()
 
 
 @gluon.jit
 def _mma_step(
-    acc, packed, scale, xs, x_tile, w_tile, w_pairs, t0, t1, t2, t3, t4, t5, t6, t7,
-    PACK_ASM: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+    i, n_steps, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs, s_ptrs, x_ptrs,
+    x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7,
+    DECODE_ASM: gl.constexpr, SCALE_ASM: gl.constexpr, W_LAYOUT: gl.constexpr,
+    PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr, NUM_STAGES: gl.constexpr,
+    SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """One K step: decode, scale and pack the weight bytes into the shared tile, x beside it,
-    then acc += x_tile @ w_tile^T on the warpgroup's tensor cores."""
-    high, low = decode(packed, t0, t1, t2, t3, t4, t5, t6, t7)
-    scale3 = gl.expand_dims(scale, 2)
+    """Step i into one weight tile: decode this thread's staged bytes into it and start the MMA
+    with x's staged tile; once the previous step's MMA is done, start copying the step
+    NUM_STAGES - 1 ahead into the stage that MMA read."""
+    stage = i % NUM_STAGES
+    async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i have landed
+    packed = w_staging.index(stage).load(W_LAYOUT)
+    scale = s_staging.index(stage).load(gl.SliceLayout(2, W_LAYOUT))
+    scale_pair = gl.inline_asm_elementwise(SCALE_ASM, "=r,r", [scale], gl.int32, True, 1)
     pairs = gl.inline_asm_elementwise(
-        PACK_ASM, "=r,r,r", [high * scale3, low * scale3], dtype=gl.int32, is_pure=True, pack=1
-    )
+        DECODE_ASM, PAIRS_CONSTRAINTS,
+        [packed, gl.expand_dims(scale_pair, 2), t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=gl.int32, is_pure=True, pack=4,
+    )  # fmt: skip
     shape: gl.constexpr = [pairs.shape[0], pairs.shape[1] * pairs.shape[2]]
     w_pairs.store(gl.convert_layout(gl.reshape(pairs, shape), PAIR_LAYOUT))
-    x_tile.store(xs)
     fence_async_shared()
+    gl.thread_barrier()  # the weight tile and every thread's part of x's are written
+    x_tile = x_staging.index(stage)
+    if W_LEFT:
+        acc = warpgroup_mma(w_tile, x_tile.permute((1, 0)), acc, is_async=True)
+    else:
+        acc = warpgroup_mma(x_tile, w_tile.permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(1, deps=[acc])
+    # Every warpgroup's previous MMA is done before its weight tile is rewritten and its x
+    # stage refilled.
     gl.thread_barrier()
-    acc = warpgroup_mma(x_tile, w_tile.permute((1, 0)), acc)
-    gl.thread_barrier()  # every warp is done reading the tiles before they are rewritten
+    ahead = i + NUM_STAGES - 1
+    refill = ahead % NUM_STAGES
+    _copy_step(
+        ahead, n_steps, w_staging.index(refill), s_staging.index(refill),
+        x_staging.index(refill), w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K,
+        BLOCKSIZE,
+    )  # fmt: skip
     return acc
 
 
@@ -50,33 +105,52 @@ def wgmma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr,
+    BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, W_LEFT: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0."""
     num_warps: gl.constexpr = gl.num_warps()
     chunks: gl.constexpr = BLOCK_K // 32  # 16-byte chunks per weight row per step
     gl.static_assert(BLOCK_N >= (32 // chunks) * num_warps, "fewer weight rows than threads")
+    gl.static_assert(NUM_STAGES >= 2, "copies run at least one step ahead")
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     # Registers: [n, chunk, byte] for the weight bytes, [n, byte pair] for their 16-bit pairs.
     w_layout: gl.constexpr = gl.BlockedLayout(
         [1, 1, 16], [32 // chunks, chunks, 1], [num_warps, 1, 1], [2, 1, 0]
     )
+    s_layout: gl.constexpr = gl.SliceLayout(2, w_layout)
     pair_layout: gl.constexpr = gl.BlockedLayout(
         [1, 16], [32 // chunks, chunks], [num_warps, 1], [1, 0]
     )
     x_layout: gl.constexpr = gl.BlockedLayout(
         [1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [num_warps, 1], [1, 0]
     )
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    # Shared: 128-byte swizzle; the weight tile is written as int32 pairs, read as 16-bit.
+    if W_LEFT:  # acc = out^T: weight rows along the MMA's M, the batch along its N
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
+        )
+    else:
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+    # Shared. Stages: the raw bytes and scales as each thread copies them (it alone reads them
+    # back), x's tiles 128-byte-swizzled for the MMA. Two weight tiles, written as int32 pairs
+    # and read as 16-bit values.
     swizzle: gl.constexpr = 128 if BLOCK_K * 2 >= 128 else BLOCK_K * 2
-    x_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle, 16, 2)
+    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle, 16, 2)
     pair_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle, 32, 2)
-    x_tile = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_K], x_smem_layout)
-    w_tile = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], x_smem_layout)
-    w_pairs = w_tile._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
+    # (A buffer of stages takes the layout of one stage.)
+    w_staging = gl.allocate_shared_memory(
+        gl.uint8, [NUM_STAGES, BLOCK_N, chunks, 16], gl.SwizzledSharedLayout(16, 1, 1, [2, 1, 0])
+    )
+    s_staging = gl.allocate_shared_memory(
+        gl.float32, [NUM_STAGES, BLOCK_N, chunks], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    x_staging = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], smem_layout)
+    w_tile0 = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], smem_layout)
+    w_tile1 = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], smem_layout)
+    w_pairs0 = w_tile0._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
+    w_pairs1 = w_tile1._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
 
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
@@ -84,56 +158,68 @@ def wgmma_4bit_kernel(
     n0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
 
-    w_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
+    w_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, s_layout))
     w_b = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
     w_rows = gl.minimum(n0 + w_n, N - 1)
     w_ptrs = (
         w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2)
         + gl.expand_dims(gl.expand_dims(w_c * 16, 0), 2) + gl.expand_dims(gl.expand_dims(w_b, 0), 1)
     )  # fmt: skip
-    s_layout: gl.constexpr = gl.SliceLayout(2, w_layout)
-    s_rows = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout)), N - 1)
-    s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, s_layout))
-    # The absmax block of each chunk's first value (k0 is a multiple of BLOCK_K, and BLOCK_K and
+    # The absmax block of each chunk's first value (k is a multiple of BLOCK_K, and BLOCK_K and
     # the blocksize are powers of two, so the step's block index adds on).
-    s_block = gl.expand_dims(s_c * 32, 0) // BLOCKSIZE
-    s_ptrs = absmax_ptr + gl.expand_dims(s_rows * stride_a, 1) + s_block
-    t_ptrs = table_ptr + (gl.expand_dims(gl.expand_dims(w_n, 1), 2) % 32) * TABLE_WORDS
+    s_block = gl.expand_dims(w_c * 32, 0) // BLOCKSIZE
+    s_ptrs = absmax_ptr + gl.expand_dims(w_rows * stride_a, 1) + s_block
+    # This dtype's table (code_table: bf16 words, then fp16 ones), one copy per lane.
+    table_offset: gl.constexpr = TABLE_WORDS if X_FP16 else 0
+    t_ptrs = (
+        table_ptr + table_offset
+        + (gl.expand_dims(gl.expand_dims(w_n, 1), 2) % 32) * TABLE_STRIDE
+    )  # fmt: skip
     t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
 
     x_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
     x_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + gl.expand_dims(x_m * stride_xm, 1) + gl.expand_dims(x_k, 0)
-    x_ok = gl.expand_dims(x_m < M, 1)
+    x_ok = gl.expand_dims(x_m < M, 1)  # rows past M are copied as zeros
 
-    pack_asm: gl.constexpr = _PACK_FP16 if X_FP16 else _PACK_BF16
-    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
-    stride = BLOCK_K * SPLIT_K
-    # Two steps per iteration, both steps' bytes requested before either is decoded. A second
-    # step past K re-reads the last in-range step (no masks in the hot loads) and is skipped.
-    for k0 in range(pid_k * BLOCK_K, K, 2 * stride):
-        k1 = gl.minimum(k0 + stride, K - BLOCK_K)
-        packed0 = gl.load(w_ptrs + k0 // 2)
-        packed1 = gl.load(w_ptrs + k1 // 2)
-        scale0 = gl.load(s_ptrs + k0 // BLOCKSIZE)
-        scale1 = gl.load(s_ptrs + k1 // BLOCKSIZE)
-        xs0 = gl.load(x_ptrs + k0, mask=x_ok, other=0.0)
-        xs1 = gl.load(x_ptrs + k1, mask=x_ok, other=0.0)
-        acc = _mma_step(
-            acc, packed0, scale0, xs0, x_tile, w_tile, w_pairs, t0, t1, t2, t3, t4, t5, t6, t7,
-            pack_asm, pair_layout,
+    decode_asm: gl.constexpr = _DECODE_FP16 if X_FP16 else _DECODE_BF16
+    scale_asm: gl.constexpr = _SCALE_FP16 if X_FP16 else _SCALE_BF16
+    if W_LEFT:
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
+    else:
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
+    n_steps = (K // BLOCK_K - pid_k + SPLIT_K - 1) // SPLIT_K
+    for j in gl.static_range(NUM_STAGES - 1):
+        _copy_step(
+            j, n_steps, w_staging.index(j), s_staging.index(j), x_staging.index(j), w_ptrs,
+            s_ptrs, x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
-        if k0 + stride < K:
+    # Two steps per iteration, one per weight tile.
+    for i in range(0, n_steps, 2):
+        acc = _mma_step(
+            i, n_steps, acc, w_staging, s_staging, x_staging, w_tile0, w_pairs0, w_ptrs,
+            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
+        )  # fmt: skip
+        if i + 1 < n_steps:
             acc = _mma_step(
-                acc, packed1, scale1, xs1, x_tile, w_tile, w_pairs, t0, t1, t2, t3, t4, t5, t6,
-                t7, pack_asm, pair_layout,
+                i + 1, n_steps, acc, w_staging, s_staging, x_staging, w_tile1, w_pairs1, w_ptrs,
+                s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm,
+                scale_asm, w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
+                BLOCKSIZE,
             )  # fmt: skip
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    async_copy.wait_group(0)  # no copy outlives the program
 
-    o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-    o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-    o_ptrs = (
-        out_ptr + pid_k * stride_ok + gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
-    )
-    o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
-    gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+    if W_LEFT:
+        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
+        o_offs = gl.expand_dims(o_m * stride_om, 0) + gl.expand_dims(o_n, 1)
+        o_ok = gl.expand_dims(o_m < M, 0) & gl.expand_dims(o_n < N, 1)
+    else:
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+        o_offs = gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
+        o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
+    gl.store(out_ptr + pid_k * stride_ok + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)

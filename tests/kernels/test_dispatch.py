@@ -28,6 +28,7 @@ def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
         assert mm.kernel_for(16, 4096, 2752, cuda) is None  # 2752 = 21.5 steps of 128
         assert mm.choose_config(16, 4096, 2752, cuda) == mm.default_config(16)
         assert mm.kernel_for(1, 4096, 2752, cuda) == table["1"]
+        assert mm.kernel_for(2048, 4096, 4096, cuda) is None  # a prefill chunk: bitsandbytes
         monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no warpgroup MMA
         mm.kernel_for.cache_clear()
         assert mm.kernel_for(16, 4096, 4096, cuda) is None
@@ -44,4 +45,26 @@ def test_layers_the_kernels_cannot_index_are_refused():
     packed = torch.zeros(64 * 256 // 2, dtype=torch.uint8)
     absmax = torch.ones(64 * 256 // 64)
     with pytest.raises(ValueError, match="fp16/bf16"):
-        mm.matmul_4bit(torch.zeros(2, 256), packed, absmax, torch.zeros(32, 8), (64, 256), 64)
+        mm.matmul_4bit(torch.zeros(2, 256), packed, absmax, torch.zeros(32, 16), (64, 256), 64)
+
+
+def test_warpgroup_tiles_hopper_has():
+    """The warpgroup kernel's tiles: 64 weight rows per warpgroup on the MMA's M side and the
+    batch (8-256, multiples of 8) on its N side, or the other way round with 64 rows of x."""
+    from engine.kernels import matmul_4bit as mm
+
+    hopper = [
+        mm.KernelConfig("wgmma", 8, 64, 64, 1, 4, w_left=True),
+        mm.KernelConfig("wgmma", 256, 128, 128, 2, 8, w_left=True),
+        mm.KernelConfig("wgmma", 64, 64, 128, 4, 4, w_left=False),
+        mm.KernelConfig("wgmma", 128, 256, 64, 1, 8, w_left=False),
+    ]
+    assert all(mm._wgmma_tiles(c) for c in hopper)
+    refused = [
+        mm.KernelConfig("wgmma", 12, 64, 64, 1, 4, w_left=True),  # batch tile not a multiple of 8
+        mm.KernelConfig("wgmma", 8, 64, 64, 1, 8, w_left=True),  # 2 warpgroups, 64 weight rows
+        mm.KernelConfig("wgmma", 512, 64, 64, 1, 4, w_left=True),  # MMA N above 256
+        mm.KernelConfig("wgmma", 32, 64, 64, 1, 4, w_left=False),  # x rows != 16 * num_warps
+        mm.KernelConfig("wgmma", 64, 64, 96, 1, 4, w_left=False),  # partial 16-byte chunks
+    ]
+    assert not any(mm._wgmma_tiles(c) for c in refused)

@@ -111,9 +111,12 @@ def _kernel_variants() -> list:
     ]
     if torch.cuda.get_device_capability() == (9, 0):  # warpgroup MMA: Hopper only
         variants += [
-            KernelConfig("wgmma", 64, 128, 64, 1, 4),
-            KernelConfig("wgmma", 64, 256, 128, 2, 4),
-            KernelConfig("wgmma", 128, 128, 64, 1, 8),
+            KernelConfig("wgmma", 64, 128, 64, 1, 4, w_left=False),
+            KernelConfig("wgmma", 64, 256, 128, 2, 4, w_left=False),
+            KernelConfig("wgmma", 128, 128, 64, 1, 8, w_left=False),
+            KernelConfig("wgmma", 8, 64, 64, 1, 4, w_left=True),
+            KernelConfig("wgmma", 16, 128, 128, 4, 4, w_left=True),
+            KernelConfig("wgmma", 64, 256, 64, 2, 8, w_left=True),
         ]
     return variants
 
@@ -130,7 +133,12 @@ def test_every_kernel_variant(quant_type, dtype):
         packed, absmax, code, weight = quantized(n, k, quant_type, True)
         table = code_table(code, torch.device("cuda"))
         for config in _kernel_variants():
-            m = min(config.block_m, 7) if config.kernel == "gemv" else 33
+            if config.kernel == "gemv":
+                m = min(config.block_m, 7)
+            elif config.kernel == "wgmma" and config.w_left:
+                m = config.block_m + 3  # a second batch tile, ragged
+            else:
+                m = 33
             if not fits(config, m, k, torch.device("cuda")):
                 continue  # the dispatcher never runs it here (tests/kernels/test_dispatch.py)
             x = torch.randn(m, k, device="cuda", dtype=dtype)
