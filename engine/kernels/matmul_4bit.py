@@ -50,7 +50,7 @@ def _decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # row counts vary per eager step (wgmma_4bit.py)
 def _gemm_4bit(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,

@@ -100,7 +100,9 @@ def _mma_step(
     return acc
 
 
-@gluon.jit
+# Not specialized on M: eager steps (prefill chunks and mixed steps) bring row counts no CUDA
+# graph bucket had, and each new specialization compiles for seconds inside a request.
+@gluon.jit(do_not_specialize=["M"])
 def wgmma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
