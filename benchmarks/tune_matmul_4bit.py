@@ -50,6 +50,9 @@ def candidates(m: int) -> list[KernelConfig]:
                         KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
                                      warps_n=warps_n)
                     )  # fmt: skip
+    if m <= 8:  # tensor cores from registers, 16 weight rows per warp
+        for warps, split in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
+            out.append(KernelConfig("mma", 8, 16 * warps, 0, split, warps))
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
@@ -72,7 +75,7 @@ def candidates(m: int) -> list[KernelConfig]:
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
-    return [c for c in out if c.kernel != "wgmma" or fits(c, m, 4096, device)]
+    return [c for c in out if c.kernel not in ("wgmma", "mma") or fits(c, m, 4096, device)]
 
 
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
@@ -201,6 +204,12 @@ def main() -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / (gpu.replace(" ", "_") + ".json")
+    if path.exists() and set(args.buckets) != set(M_BUCKETS):
+        # Re-tuning some buckets keeps the others' entries.
+        kept = json.loads(path.read_text())["configs"]
+        retuned = {str(m) for m in args.buckets}
+        kept = {key: cfg for key, cfg in kept.items() if key.split(":")[0] not in retuned}
+        table_out = {**kept, **table_out}
     path.write_text(json.dumps({
         "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "command": "python benchmarks/tune_matmul_4bit.py", "configs": table_out,

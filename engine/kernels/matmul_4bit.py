@@ -10,6 +10,8 @@ Bytes are decoded in registers (`decode_4bit`).
 Three kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
   once. The weight bytes are the whole cost, so it streams them with wide loads.
+- "mma" (`mma_4bit.py`, Gluon, Ampere and later): 1-8 rows of x on tensor cores from registers;
+  each byte's codes stay one scaled 16-bit pair, fed to `mma.sync` with x as its N side.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
   MMA's 64-row side (`w_left`, small batches) or x.
@@ -137,7 +139,7 @@ class KernelConfig:
     kernel does not read keep their defaults (num_stages: "gemm" and "wgmma"; threads_n and
     warps_n: "gemv" only; w_left: "gemm" and "wgmma")."""
 
-    kernel: str  # "gemv", "gemm", "wgmma" (Hopper) or "bitsandbytes"
+    kernel: str  # "gemv", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0  # gemm, wgmma: values of K per loop step
@@ -220,6 +222,13 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
         return config.block_m >= m
+    if config.kernel == "mma":  # 16 weight rows per warp, up to 8 rows of x
+        return (
+            m <= 8
+            and config.block_m == 8
+            and config.block_n == 16 * config.num_warps
+            and _capability(device) >= (8, 0)
+        )
     if config.kernel == "wgmma":
         return (
             _wgmma_tiles(config)
@@ -294,6 +303,8 @@ def matmul_4bit(
     stride_ok = 0 if split == 1 else m * n
     if config.kernel == "gemv":
         _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
+    elif config.kernel == "mma":
+        _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     elif config.kernel == "wgmma":
         _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     else:
@@ -329,6 +340,17 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         num_warps=config.num_warps,
+    )  # fmt: skip
+
+
+def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
+    from engine.kernels.mma_4bit import mma_4bit_kernel
+
+    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    mma_4bit_kernel[grid](
+        x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
+        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
+        SPLIT_K=config.split_k, num_warps=config.num_warps,
     )  # fmt: skip
 
 

@@ -68,3 +68,17 @@ def test_warpgroup_tiles_hopper_has():
         mm.KernelConfig("wgmma", 64, 64, 96, 1, 4, w_left=False),  # partial 16-byte chunks
     ]
     assert not any(mm._wgmma_tiles(c) for c in refused)
+
+
+def test_register_mma_tiles(monkeypatch):
+    """The register tensor-core kernel: 16 weight rows per warp, at most 8 rows of x, Ampere on."""
+    from engine.kernels import matmul_4bit as mm
+
+    cuda = torch.device("cuda")
+    config = mm.KernelConfig("mma", 8, 64, 0, 2, 4)
+    monkeypatch.setattr(mm, "_capability", lambda device: (9, 0))
+    assert mm.fits(config, 8, 4096, cuda)
+    assert not mm.fits(config, 9, 4096, cuda)
+    assert not mm.fits(mm.KernelConfig("mma", 8, 32, 0, 2, 4), 1, 4096, cuda)
+    monkeypatch.setattr(mm, "_capability", lambda device: (7, 5))  # no bf16 mma.sync
+    assert not mm.fits(config, 1, 4096, cuda)

@@ -1,0 +1,151 @@
+"""The small-batch 4-bit matmul on tensor cores, all in registers: a Gluon kernel feeding decoded
+weights straight into `mma.sync` (m16n8k16), no shared memory and no barriers.
+
+The GEMV (`gemv_4bit.py`) widens every decoded code to fp32 for an FMA; here each byte's two
+codes stay one scaled 16-bit pair (`decode_4bit.DECODE_PAIRS_*`, one packed multiply by the
+block's absmax) and go to the MMA as they are, up to 8 rows of x riding along as its N side.
+
+A warp owns 16 weight rows; lane (g, c) = (lane / 4, lane % 4) holds rows g and g + 8 — the rows
+the MMA's A fragment gives it. Per step of 128 values it loads 16 consecutive bytes of each row
+(bytes 16c..16c+15, one 128-bit load, under one absmax). An MMA sums over K in any order, so the
+kernel lets K run in the order the lanes hold it: within a step, physical k = 16j + 8h + 2c + e
+is value 32c + 4j + 2h + e of the row (byte 16c + 2j + h, nibble e). x's B fragment is read in
+that same order (lane (n, c) loads x[n, 32c .. 32c + 31], contiguous), so the product is exact."""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from engine.kernels.decode_4bit import DECODE_PAIRS_BF16_ASM, DECODE_PAIRS_FP16_ASM, load_code_table
+from engine.kernels.decode_4bit import PAIRS_CONSTRAINTS as _PAIRS_CONSTRAINTS
+from engine.kernels.decode_4bit import TABLE_STRIDE as _TABLE_STRIDE
+from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
+
+TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
+TABLE_STRIDE = gl.constexpr(_TABLE_STRIDE)
+PAIRS_CONSTRAINTS = gl.constexpr(_PAIRS_CONSTRAINTS)
+_DECODE_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
+_DECODE_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
+_SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
+_SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
+_UNPACK = gl.constexpr("mov.b32 {$0, $1}, $2;")  # a pair register as its two 16-bit halves
+STEP_VALUES = gl.constexpr(128)  # K per step: 16 bytes per lane and row, 4 lanes per row
+
+
+@gluon.jit
+def _step(
+    acc, packed, scale, xs, t0, t1, t2, t3, t4, t5, t6, t7, DECODE_ASM: gl.constexpr,
+    SCALE_ASM: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
+):  # fmt: skip
+    """acc[rows, 8] += W_step @ x_step^T for one step's loaded bytes [w, h, g, c, byte], scales
+    [w, h, g, c] and x values [n, c, value]."""
+    scale_pair = gl.inline_asm_elementwise(SCALE_ASM, "=r,r", [scale], gl.int32, True, 1)
+    pairs = gl.inline_asm_elementwise(
+        DECODE_ASM, PAIRS_CONSTRAINTS,
+        [packed, gl.expand_dims(scale_pair, 4), t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=gl.int32, is_pure=True, pack=4,
+    )  # fmt: skip
+    even, odd = gl.inline_asm_elementwise(
+        _UNPACK, "=h,=h,r", [pairs], dtype=(xs.dtype, xs.dtype), is_pure=True, pack=1
+    )
+    w = gl.join(even, odd)  # [w, h, g, c, byte, nibble]
+    # byte = 2j + h2 -> [w, h, g, c, j, h2, nibble] -> [w, h, g, j, h2, c, nibble]
+    w = gl.reshape(w, [w.shape[0], 2, 8, 4, 8, 2, 2])
+    w = gl.permute(w, [0, 1, 2, 4, 5, 3, 6])
+    a = gl.convert_layout(gl.reshape(w, [w.shape[0] * 16, 128]), A_LAYOUT)
+    # x [n, c, value = 4j + 2h2 + nibble] -> [n, j, h2, c, nibble] -> B [128, n]
+    x = gl.permute(gl.reshape(xs, [8, 4, 8, 2, 2]), [0, 2, 3, 1, 4])
+    b = gl.convert_layout(gl.permute(gl.reshape(x, [8, 128]), [1, 0]), B_LAYOUT)
+    return mma_v2(a, b, acc)
+
+
+# Not specialized on M (row counts vary per eager step; see wgmma_4bit.py).
+@gluon.jit(do_not_specialize=["M"])
+def mma_4bit_kernel(
+    x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
+    BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, SPLIT_K: gl.constexpr,
+):  # fmt: skip
+    """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M <= 8, K] @ W^T; 16 rows per warp."""
+    W: gl.constexpr = gl.num_warps()
+    # Weight bytes [w, h, g, c, byte]: row 16w + 8h + g; lane 4g + c; 16 bytes per lane and row.
+    w_layout: gl.constexpr = gl.BlockedLayout(
+        [1, 2, 1, 1, 16], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0]
+    )
+    s_layout: gl.constexpr = gl.SliceLayout(4, w_layout)
+    # x values [n, c, value]: lane 4n + c, the same in every warp.
+    x_layout: gl.constexpr = gl.BlockedLayout([1, 1, 32], [8, 4, 1], [W, 1, 1], [2, 1, 0])
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8]
+    )
+    a_layout: gl.constexpr = gl.DotOperandLayout(0, mma_layout, 2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(1, mma_layout, 2)
+
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    n0 = pid_n * 16 * W
+
+    L0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, s_layout)))
+    L1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, s_layout)))
+    L2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, s_layout)))
+    L3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, s_layout)))
+    r_w = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, W, layout=L0), 1), 2), 3)
+    r_h = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=L1), 0), 2), 3)
+    r_g = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=L2), 0), 1), 3)
+    c = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=L3), 0), 1), 2)
+    local_rows = 16 * r_w + 8 * r_h + r_g  # [w, h, g, 1]
+    rows = gl.minimum(n0 + local_rows, N - 1)  # rows past N re-read the last; never stored
+    byte = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
+        2, gl.SliceLayout(3, w_layout)))))  # fmt: skip
+    byte = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(byte, 0), 1), 2), 3)
+    w_ptrs = w_ptr + gl.expand_dims(rows * stride_w + 16 * c, 4) + byte
+    s_ptrs = absmax_ptr + rows * stride_a + (32 * c) // BLOCKSIZE
+    table_offset: gl.constexpr = TABLE_WORDS if X_FP16 else 0
+    t_ptrs = table_ptr + table_offset + gl.expand_dims((4 * r_g + c) % 32, 4) * TABLE_STRIDE
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
+    chunk_end = gl.expand_dims(32 * c + 32, 4)  # [1, 1, 1, 4, 1]: a lane's chunk's end, in values
+
+    X0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, x_layout))
+    X1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, x_layout))
+    X2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, x_layout))
+    x_n = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=X0), 1), 2)
+    x_c = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=X1), 0), 2)
+    x_v = gl.expand_dims(gl.expand_dims(gl.arange(0, 32, layout=X2), 0), 1)
+    x_k = 32 * x_c + x_v  # [1, 4, 32]: a lane's 32 consecutive values, one 64-byte run
+    x_ptrs = x_ptr + x_n * stride_xm + x_k
+    x_rows_ok = x_n < M
+
+    decode_asm: gl.constexpr = _DECODE_FP16 if X_FP16 else _DECODE_BF16
+    scale_asm: gl.constexpr = _SCALE_FP16 if X_FP16 else _SCALE_BF16
+    acc = gl.zeros([16 * W, 8], gl.float32, layout=mma_layout)
+    stride: gl.constexpr = STEP_VALUES * SPLIT_K
+    # Two steps per iteration, both steps' bytes requested before either is decoded. Values past
+    # K are masked per 16-byte chunk: their bytes decode to some finite code, x and scale to 0.
+    for k0 in range(pid_k * STEP_VALUES, K, 2 * stride):
+        k1 = k0 + stride
+        ok0 = k0 + chunk_end <= K
+        ok1 = k1 + chunk_end <= K
+        packed0 = gl.load(w_ptrs + k0 // 2, mask=ok0, other=0)
+        packed1 = gl.load(w_ptrs + k1 // 2, mask=ok1, other=0)
+        scale0 = gl.load(s_ptrs + k0 // BLOCKSIZE, mask=k0 + 32 * c + 32 <= K, other=0.0)
+        scale1 = gl.load(s_ptrs + k1 // BLOCKSIZE, mask=k1 + 32 * c + 32 <= K, other=0.0)
+        xs0 = gl.load(x_ptrs + k0, mask=x_rows_ok & (k0 + x_k < K), other=0.0)
+        xs1 = gl.load(x_ptrs + k1, mask=x_rows_ok & (k1 + x_k < K), other=0.0)
+        acc = _step(
+            acc, packed0, scale0, xs0, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            a_layout, b_layout,
+        )  # fmt: skip
+        acc = _step(
+            acc, packed1, scale1, xs1, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            a_layout, b_layout,
+        )  # fmt: skip
+
+    o_n = n0 + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, mma_layout))
+    o_m = gl.arange(0, 8, layout=gl.SliceLayout(0, mma_layout))
+    o_ptrs = (
+        out_ptr + pid_k * stride_ok + gl.expand_dims(o_m * stride_om, 0) + gl.expand_dims(o_n, 1)
+    )
+    o_ok = gl.expand_dims(o_m < M, 0) & gl.expand_dims(o_n < N, 1)
+    gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
