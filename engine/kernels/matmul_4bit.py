@@ -10,7 +10,7 @@ Bytes are decoded in registers (`decode_4bit`).
 Three kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
   once. The weight bytes are the whole cost, so it streams them with wide loads.
-- "mma" (`mma_4bit.py`, Gluon, Ampere and later): 1-8 rows of x on tensor cores from registers;
+- "mma" (`mma_4bit.py`, Gluon, Hopper): 1-8 rows of x on tensor cores from registers;
   each byte's codes stay one scaled 16-bit pair, fed to `mma.sync` with x as its N side.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
@@ -223,11 +223,12 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     if config.kernel == "gemv":
         return config.block_m >= m
     if config.kernel == "mma":  # 16 weight rows per warp, up to 8 rows of x
+        # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
         return (
             m <= 8
             and config.block_m == 8
             and config.block_n == 16 * config.num_warps
-            and _capability(device) >= (8, 0)
+            and _capability(device) == (9, 0)
         )
     if config.kernel == "wgmma":
         return (
@@ -246,6 +247,8 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
     if bk not in (32, 64, 128) or warps not in (4, 8) or bn < (32 // (bk // 32)) * warps:
         return False
     if config.num_stages < 2:  # copies run at least one step ahead
+        return False
+    if bm & (bm - 1) or bn & (bn - 1):  # Gluon tensors have power-of-two shapes
         return False
     if config.w_left:  # W rows: the MMA's M; the batch: its N
         return bn % (16 * warps) == 0 and bm % 8 == 0 and 8 <= bm <= 256
@@ -358,6 +361,11 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
     from engine.kernels.wgmma_4bit import wgmma_4bit_kernel  # Hopper-only module
 
     m = x2.shape[0]
+    # cp.async copies 16 bytes at a time: x's rows and the packed weight must start on 16 bytes.
+    if x2.data_ptr() % 16 or x2.stride(0) % 8:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if packed.data_ptr() % 16:
+        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     wgmma_4bit_kernel[grid](
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,

@@ -1,5 +1,6 @@
 """The small-batch 4-bit matmul on tensor cores, all in registers: a Gluon kernel feeding decoded
-weights straight into `mma.sync` (m16n8k16), no shared memory and no barriers.
+weights straight into `mma.sync` (m16n8k16), no shared memory and no barriers. Hopper: the
+packed bf16 multiply that scales the codes (`mul.rn.bf16x2`) is an sm_90 instruction.
 
 The GEMV (`gemv_4bit.py`) widens every decoded code to fp32 for an FMA; here each byte's two
 codes stay one scaled 16-bit pair (`decode_4bit.DECODE_PAIRS_*`, one packed multiply by the

@@ -66,12 +66,15 @@ def test_warpgroup_tiles_hopper_has():
         mm.KernelConfig("wgmma", 512, 64, 64, 1, 4, w_left=True),  # MMA N above 256
         mm.KernelConfig("wgmma", 32, 64, 64, 1, 4, w_left=False),  # x rows != 16 * num_warps
         mm.KernelConfig("wgmma", 64, 64, 96, 1, 4, w_left=False),  # partial 16-byte chunks
+        mm.KernelConfig("wgmma", 24, 64, 64, 1, 4, w_left=True),  # not a power of two
+        mm.KernelConfig("wgmma", 64, 192, 64, 1, 4, w_left=False),  # not a power of two
+        mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 1, w_left=True),  # no copy ahead
     ]
     assert not any(mm._wgmma_tiles(c) for c in refused)
 
 
 def test_register_mma_tiles(monkeypatch):
-    """The register tensor-core kernel: 16 weight rows per warp, at most 8 rows of x, Ampere on."""
+    """The register tensor-core kernel: 16 weight rows per warp, at most 8 rows of x, Hopper."""
     from engine.kernels import matmul_4bit as mm
 
     cuda = torch.device("cuda")
@@ -80,5 +83,5 @@ def test_register_mma_tiles(monkeypatch):
     assert mm.fits(config, 8, 4096, cuda)
     assert not mm.fits(config, 9, 4096, cuda)
     assert not mm.fits(mm.KernelConfig("mma", 8, 32, 0, 2, 4), 1, 4096, cuda)
-    monkeypatch.setattr(mm, "_capability", lambda device: (7, 5))  # no bf16 mma.sync
+    monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
     assert not mm.fits(config, 1, 4096, cuda)

@@ -119,6 +119,8 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 8, 64, 64, 1, 4, w_left=True),
             KernelConfig("wgmma", 16, 128, 128, 4, 4, w_left=True),
             KernelConfig("wgmma", 64, 256, 64, 2, 8, w_left=True),
+            KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True),  # copies 2 steps ahead
+            KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
         ]
     return variants
 
