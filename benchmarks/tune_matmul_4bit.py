@@ -50,7 +50,7 @@ def candidates(m: int) -> list[KernelConfig]:
                         KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
                                      warps_n=warps_n)
                     )  # fmt: skip
-    if m <= 8:  # tensor cores from registers, 16 weight rows per warp
+        # Tensor cores from registers, 16 weight rows per warp.
         for warps, split in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
             out.append(KernelConfig("mma", 8, 16 * warps, 0, split, warps))
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the

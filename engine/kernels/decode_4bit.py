@@ -16,9 +16,9 @@ packed element), of which the asm reads the first. The codes are the table's val
 bf16 (NF4's within 0.3%; the rounding of a bf16 weight itself), so a bf16 model sees what
 bitsandbytes' dequantization gives within bf16 rounding; an fp16 one slightly coarser codes.
 
-`DECODE_PAIRS_ASM` (tensor-core kernels) stops earlier: it leaves each byte's two codes as one
-register of two 16-bit values in K order (the high nibble's value in the low half, as MMA
-operands want them) and scales them there with one packed multiply (`mul.rn.bf16x2` or
+`decode_pairs` (tensor-core kernels; `DECODE_PAIRS_*_ASM`) stops earlier: it leaves each byte's
+two codes as one register of two 16-bit values in K order (the high nibble's value in the low
+half, as MMA operands want them) and scales them there with one packed multiply (`mul.rn.bf16x2` or
 `.f16x2`) by the block's absmax rounded to 16 bits, about 20 instructions per four bytes instead
 of about 40 through fp32. The table it reads is in x's 16-bit type: `code_table` holds the codes
 both as bf16 (words 0-7, which the fp32 decoder also widens) and as fp16 (words 8-15)."""
@@ -131,12 +131,22 @@ DECODE_PAIRS_FP16_ASM = _decode_pairs_asm("mul.rn.f16x2")
 
 _ASM = gl.constexpr(DECODE_ASM)
 _CONSTRAINTS = gl.constexpr(CONSTRAINTS)
+_PAIRS_CONSTRAINTS = gl.constexpr(PAIRS_CONSTRAINTS)
+_PAIRS_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
+_PAIRS_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
+# The absmax, rounded to x's 16-bit type, in both halves of a register.
+_SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
+_SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
+_TABLE_WORDS = gl.constexpr(TABLE_WORDS)
+_TABLE_STRIDE = gl.constexpr(TABLE_STRIDE)
 
 
 @gluon.jit
-def load_code_table(t_ptrs):
-    """The eight table words, each a tensor of per-thread copies (`t_ptrs` points every thread
-    at one of code_table's 32 copies)."""
+def load_code_table(table_ptr, lane, FP16: gl.constexpr = False):
+    """The eight table words (the fp16 table if FP16, else the bf16 one), each a tensor of
+    per-thread copies: `lane` is an integer tensor that varies across a warp's threads (taken
+    mod 32), so every thread reads one of code_table's 32 copies."""
+    t_ptrs = table_ptr + (_TABLE_WORDS if FP16 else 0) + (lane % 32) * _TABLE_STRIDE
     return (
         gl.load(t_ptrs + 0), gl.load(t_ptrs + 1), gl.load(t_ptrs + 2), gl.load(t_ptrs + 3),
         gl.load(t_ptrs + 4), gl.load(t_ptrs + 5), gl.load(t_ptrs + 6), gl.load(t_ptrs + 7),
@@ -149,4 +159,20 @@ def decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
     return gl.inline_asm_elementwise(
         _ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
         dtype=(gl.float32, gl.float32), is_pure=True, pack=4,
+    )  # fmt: skip
+
+
+@gluon.jit
+def decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.constexpr):
+    """uint8 bytes [..., byte] and their fp32 absmax [...] -> int32 [..., byte]: each byte's two
+    codes times the absmax, as one register of two 16-bit values (fp16 if FP16, else bf16) in K
+    order (tensor-core kernels). The table words must be of the same type."""
+    scale_pair = gl.inline_asm_elementwise(
+        _SCALE_FP16 if FP16 else _SCALE_BF16, "=r,r", [scale], gl.int32, True, 1
+    )
+    return gl.inline_asm_elementwise(
+        _PAIRS_FP16 if FP16 else _PAIRS_BF16, _PAIRS_CONSTRAINTS,
+        [packed, gl.expand_dims(scale_pair, len(packed.shape) - 1), t0, t1, t2, t3, t4, t5, t6,
+         t7],
+        dtype=gl.int32, is_pure=True, pack=4,
     )  # fmt: skip

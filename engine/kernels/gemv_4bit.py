@@ -13,12 +13,10 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from engine.kernels.decode_4bit import TABLE_STRIDE as _TABLE_STRIDE
 from engine.kernels.decode_4bit import decode, load_code_table
 
 BYTES_PER_THREAD_VALUE = 16  # one 128-bit load: 32 values, within one absmax block
 BYTES_PER_THREAD = gl.constexpr(BYTES_PER_THREAD_VALUE)
-TABLE_STRIDE = gl.constexpr(_TABLE_STRIDE)
 
 
 @gluon.jit
@@ -106,8 +104,9 @@ def gemv_4bit_kernel(
 
     # The code table, one copy per lane (decode_4bit.code_table): loaded per thread, it lives in
     # ordinary registers, where prmt can read it without a copy per use.
-    t_ptrs = table_ptr + (gl.expand_dims(gl.expand_dims(w_c, 0), 2) % 32) * TABLE_STRIDE
-    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
+        table_ptr, gl.expand_dims(gl.expand_dims(w_c, 0), 2)
+    )
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
     half_k = K // 2
     stride = step_bytes * SPLIT_K

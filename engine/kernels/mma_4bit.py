@@ -3,7 +3,7 @@ weights straight into `mma.sync` (m16n8k16), no shared memory and no barriers. H
 packed bf16 multiply that scales the codes (`mul.rn.bf16x2`) is an sm_90 instruction.
 
 The GEMV (`gemv_4bit.py`) widens every decoded code to fp32 for an FMA; here each byte's two
-codes stay one scaled 16-bit pair (`decode_4bit.DECODE_PAIRS_*`, one packed multiply by the
+codes stay one scaled 16-bit pair (`decode_4bit.decode_pairs`, one packed multiply by the
 block's absmax) and go to the MMA as they are, up to 8 rows of x riding along as its N side.
 
 A warp owns 16 weight rows; lane (g, c) = (lane / 4, lane % 4) holds rows g and g + 8 — the rows
@@ -19,35 +19,20 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from engine.kernels.decode_4bit import DECODE_PAIRS_BF16_ASM, DECODE_PAIRS_FP16_ASM, load_code_table
-from engine.kernels.decode_4bit import PAIRS_CONSTRAINTS as _PAIRS_CONSTRAINTS
-from engine.kernels.decode_4bit import TABLE_STRIDE as _TABLE_STRIDE
-from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
+from engine.kernels.decode_4bit import decode_pairs, load_code_table
 
-TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
-TABLE_STRIDE = gl.constexpr(_TABLE_STRIDE)
-PAIRS_CONSTRAINTS = gl.constexpr(_PAIRS_CONSTRAINTS)
-_DECODE_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
-_DECODE_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
-_SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
-_SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
 _UNPACK = gl.constexpr("mov.b32 {$0, $1}, $2;")  # a pair register as its two 16-bit halves
 STEP_VALUES = gl.constexpr(128)  # K per step: 16 bytes per lane and row, 4 lanes per row
 
 
 @gluon.jit
 def _step(
-    acc, packed, scale, xs, t0, t1, t2, t3, t4, t5, t6, t7, DECODE_ASM: gl.constexpr,
-    SCALE_ASM: gl.constexpr, A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
+    acc, packed, scale, xs, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
+    A_LAYOUT: gl.constexpr, B_LAYOUT: gl.constexpr,
 ):  # fmt: skip
     """acc[rows, 8] += W_step @ x_step^T for one step's loaded bytes [w, h, g, c, byte], scales
     [w, h, g, c] and x values [n, c, value]."""
-    scale_pair = gl.inline_asm_elementwise(SCALE_ASM, "=r,r", [scale], gl.int32, True, 1)
-    pairs = gl.inline_asm_elementwise(
-        DECODE_ASM, PAIRS_CONSTRAINTS,
-        [packed, gl.expand_dims(scale_pair, 4), t0, t1, t2, t3, t4, t5, t6, t7],
-        dtype=gl.int32, is_pure=True, pack=4,
-    )  # fmt: skip
+    pairs = decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16)
     even, odd = gl.inline_asm_elementwise(
         _UNPACK, "=h,=h,r", [pairs], dtype=(xs.dtype, xs.dtype), is_pure=True, pack=1
     )
@@ -103,9 +88,9 @@ def mma_4bit_kernel(
     byte = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(byte, 0), 1), 2), 3)
     w_ptrs = w_ptr + gl.expand_dims(rows * stride_w + 16 * c, 4) + byte
     s_ptrs = absmax_ptr + rows * stride_a + (32 * c) // BLOCKSIZE
-    table_offset: gl.constexpr = TABLE_WORDS if X_FP16 else 0
-    t_ptrs = table_ptr + table_offset + gl.expand_dims((4 * r_g + c) % 32, 4) * TABLE_STRIDE
-    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
+        table_ptr, gl.expand_dims(4 * r_g + c, 4), X_FP16
+    )
     chunk_end = gl.expand_dims(32 * c + 32, 4)  # [1, 1, 1, 4, 1]: a lane's chunk's end, in values
 
     X0: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, x_layout))
@@ -118,8 +103,6 @@ def mma_4bit_kernel(
     x_ptrs = x_ptr + x_n * stride_xm + x_k
     x_rows_ok = x_n < M
 
-    decode_asm: gl.constexpr = _DECODE_FP16 if X_FP16 else _DECODE_BF16
-    scale_asm: gl.constexpr = _SCALE_FP16 if X_FP16 else _SCALE_BF16
     acc = gl.zeros([16 * W, 8], gl.float32, layout=mma_layout)
     stride: gl.constexpr = STEP_VALUES * SPLIT_K
     # Two steps per iteration, both steps' bytes requested before either is decoded. Values past
@@ -135,11 +118,11 @@ def mma_4bit_kernel(
         xs0 = gl.load(x_ptrs + k0, mask=x_rows_ok & (k0 + x_k < K), other=0.0)
         xs1 = gl.load(x_ptrs + k1, mask=x_rows_ok & (k1 + x_k < K), other=0.0)
         acc = _step(
-            acc, packed0, scale0, xs0, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            acc, packed0, scale0, xs0, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
             a_layout, b_layout,
         )  # fmt: skip
         acc = _step(
-            acc, packed1, scale1, xs1, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            acc, packed1, scale1, xs1, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
             a_layout, b_layout,
         )  # fmt: skip
 

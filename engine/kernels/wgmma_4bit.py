@@ -7,7 +7,7 @@ one absmax) of the [BLOCK_N, BLOCK_K] weight tile, their absmax and its part of 
 step it computes: a decode kernel keeps few bytes in flight per thread, and without the copies
 running ahead it waits on HBM latency, not bandwidth. To compute a step, each thread reads its
 own bytes back, decodes them in registers straight into scaled 16-bit pairs in K order
-(`decode_4bit.DECODE_PAIRS_*`) and stores them to a 128-byte-swizzled weight tile; warpgroup
+(`decode_4bit.decode_pairs`) and stores them to a 128-byte-swizzled weight tile; warpgroup
 MMAs read it and x's staged tile:
 - W_LEFT: out^T[BLOCK_N, BLOCK_M] += W x^T, the weight tile as the MMA's 64-row side and the
   batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
@@ -26,19 +26,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from engine.kernels.decode_4bit import DECODE_PAIRS_BF16_ASM, DECODE_PAIRS_FP16_ASM, load_code_table
-from engine.kernels.decode_4bit import PAIRS_CONSTRAINTS as _PAIRS_CONSTRAINTS
-from engine.kernels.decode_4bit import TABLE_STRIDE as _TABLE_STRIDE
-from engine.kernels.decode_4bit import TABLE_WORDS as _TABLE_WORDS
-
-TABLE_WORDS = gl.constexpr(_TABLE_WORDS)
-TABLE_STRIDE = gl.constexpr(_TABLE_STRIDE)
-PAIRS_CONSTRAINTS = gl.constexpr(_PAIRS_CONSTRAINTS)
-_DECODE_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
-_DECODE_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
-# The absmax, rounded to x's 16-bit type, in both halves of a register.
-_SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
-_SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
+from engine.kernels.decode_4bit import decode_pairs, load_code_table
 
 
 @gluon.jit
@@ -59,8 +47,7 @@ def _copy_step(
 @gluon.jit
 def _mma_step(
     i, n_steps, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs, s_ptrs, x_ptrs,
-    x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7,
-    DECODE_ASM: gl.constexpr, SCALE_ASM: gl.constexpr, W_LAYOUT: gl.constexpr,
+    x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr, W_LAYOUT: gl.constexpr,
     PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr, NUM_STAGES: gl.constexpr,
     SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
@@ -71,12 +58,7 @@ def _mma_step(
     async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i have landed
     packed = w_staging.index(stage).load(W_LAYOUT)
     scale = s_staging.index(stage).load(gl.SliceLayout(2, W_LAYOUT))
-    scale_pair = gl.inline_asm_elementwise(SCALE_ASM, "=r,r", [scale], gl.int32, True, 1)
-    pairs = gl.inline_asm_elementwise(
-        DECODE_ASM, PAIRS_CONSTRAINTS,
-        [packed, gl.expand_dims(scale_pair, 2), t0, t1, t2, t3, t4, t5, t6, t7],
-        dtype=gl.int32, is_pure=True, pack=4,
-    )  # fmt: skip
+    pairs = decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16)
     shape: gl.constexpr = [pairs.shape[0], pairs.shape[1] * pairs.shape[2]]
     w_pairs.store(gl.convert_layout(gl.reshape(pairs, shape), PAIR_LAYOUT))
     fence_async_shared()
@@ -172,21 +154,16 @@ def wgmma_4bit_kernel(
     # the blocksize are powers of two, so the step's block index adds on).
     s_block = gl.expand_dims(w_c * 32, 0) // BLOCKSIZE
     s_ptrs = absmax_ptr + gl.expand_dims(w_rows * stride_a, 1) + s_block
-    # This dtype's table (code_table: bf16 words, then fp16 ones), one copy per lane.
-    table_offset: gl.constexpr = TABLE_WORDS if X_FP16 else 0
-    t_ptrs = (
-        table_ptr + table_offset
-        + (gl.expand_dims(gl.expand_dims(w_n, 1), 2) % 32) * TABLE_STRIDE
-    )  # fmt: skip
-    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(t_ptrs)
+    # This dtype's table (code_table), one copy per lane.
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
+        table_ptr, gl.expand_dims(gl.expand_dims(w_n, 1), 2), X_FP16
+    )
 
     x_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
     x_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
     x_ptrs = x_ptr + gl.expand_dims(x_m * stride_xm, 1) + gl.expand_dims(x_k, 0)
     x_ok = gl.expand_dims(x_m < M, 1)  # rows past M are copied as zeros
 
-    decode_asm: gl.constexpr = _DECODE_FP16 if X_FP16 else _DECODE_BF16
-    scale_asm: gl.constexpr = _SCALE_FP16 if X_FP16 else _SCALE_BF16
     if W_LEFT:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
     else:
@@ -201,14 +178,14 @@ def wgmma_4bit_kernel(
     for i in range(0, n_steps, 2):
         acc = _mma_step(
             i, n_steps, acc, w_staging, s_staging, x_staging, w_tile0, w_pairs0, w_ptrs,
-            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm, scale_asm,
+            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
             w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
         if i + 1 < n_steps:
             acc = _mma_step(
                 i + 1, n_steps, acc, w_staging, s_staging, x_staging, w_tile1, w_pairs1, w_ptrs,
-                s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, decode_asm,
-                scale_asm, w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
+                s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
+                w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
                 BLOCKSIZE,
             )  # fmt: skip
     acc = warpgroup_mma_wait(0, deps=[acc])
