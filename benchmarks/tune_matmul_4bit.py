@@ -46,13 +46,19 @@ def candidates(m: int) -> list[KernelConfig]:
             for rows in (1, 2, 4, 8):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
-                    out.append(
-                        KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
-                                     warps_n=warps_n)
-                    )  # fmt: skip
-        # Tensor cores from registers, 16 weight rows per warp.
-        for warps, split in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
-            out.append(KernelConfig("mma", 8, 16 * warps, 0, split, warps))
+                    # num_stages: 2 or (few rows a thread) 4 K steps per loop iteration.
+                    for steps in (2, 4) if rows * bm <= 2 else (2,):
+                        out.append(
+                            KernelConfig("gemv", bm, block_n, num_warps=warps, num_stages=steps,
+                                         threads_n=threads_n, warps_n=warps_n)
+                        )  # fmt: skip
+    if m <= 64:
+        # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
+        # num_stages 4: the next iteration's weight bytes requested before this one's decode.
+        bm = max(8, triton.next_power_of_2(m))
+        splits = (1, 2, 4, 8, 16) if m <= 16 else (1, 2, 4, 8)
+        for warps, split, stages in itertools.product((1, 2, 4, 8), splits, (2, 4)):
+            out.append(KernelConfig("mma", bm, 16 * warps, 0, split, warps, stages))
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)

@@ -35,6 +35,8 @@ from triton.experimental.gluon import language as gl
 CONSTRAINTS = ",".join(["=r"] * 8 + ["r"] * (1 + 8 * 4))
 # 4 outputs; the packed bytes; the scale pair x 4; 8 table words x 4.
 PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 4 + 8 * 4))
+# The same over one int32 word of four bytes (pack=1): every argument once.
+WORD_PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 1 + 8))
 TABLE_WORDS = 8  # one table: the codes in one 16-bit type
 TABLE_STRIDE = 16  # words per copy in code_table: the bf16 table, then the fp16 one
 
@@ -69,10 +71,11 @@ def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return table.repeat(32, 1).to(device)
 
 
-def _lookup(packed: str, first_table_arg: int, half: int) -> list[str]:
+def _lookup(packed: str, first_table_arg: int, half: int, copies: int = 4) -> list[str]:
     """Asm setting H and L to the high and low bytes of the codes of nibbles 4*half..4*half+3 of
-    `packed` (bytes b0..b3, nibbles low b0, high b0, low b1, ... from bit 0 up)."""
-    table = {f"{name}{i}": f"${first_table_arg + 4 * (4 * t + i)}"
+    `packed` (bytes b0..b3, nibbles low b0, high b0, low b1, ... from bit 0 up). Each table word
+    is `copies` consecutive arguments (one per packed element), of which the first is read."""
+    table = {f"{name}{i}": f"${first_table_arg + copies * (4 * t + i)}"
              for t, name in enumerate(("hb", "lb")) for i in range(4)}  # fmt: skip
     lines = []
     if half == 0:
@@ -111,12 +114,13 @@ def _decode_asm() -> str:
     return "\n".join(lines)
 
 
-def _decode_pairs_asm(multiply: str) -> str:
+def _decode_pairs_asm(multiply: str, copies: int = 4) -> str:
     """$0..$3: byte i's (high-nibble, low-nibble) codes as one 16-bit pair, low half first,
-    times the scale pair $5; $4: the packed bytes; table words from $9."""
+    times the scale pair $5; $4: the packed bytes; then the table words, `copies` arguments
+    each (pack=4 over bytes: 4; pack=1 over int32 words: 1)."""
     lines = ["{", ".reg .b32 sel, pick, t, a, b, H, L, P, Q;"]
     for half in range(2):
-        lines += _lookup("$4", 9, half)
+        lines += _lookup("$4", 5 + copies, half, copies)
         # P = (code(high nibble), code(low nibble)) of byte 2*half, low half first; Q the next.
         lines += ["prmt.b32 P, L, H, 0x4051;", "prmt.b32 Q, L, H, 0x6273;"]
         lines += [f"{multiply} ${2 * half}, P, $5;", f"{multiply} ${2 * half + 1}, Q, $5;"]
@@ -127,6 +131,8 @@ def _decode_pairs_asm(multiply: str) -> str:
 DECODE_ASM = _decode_asm()
 DECODE_PAIRS_BF16_ASM = _decode_pairs_asm("mul.rn.bf16x2")
 DECODE_PAIRS_FP16_ASM = _decode_pairs_asm("mul.rn.f16x2")
+WORD_PAIRS_BF16_ASM = _decode_pairs_asm("mul.rn.bf16x2", copies=1)
+WORD_PAIRS_FP16_ASM = _decode_pairs_asm("mul.rn.f16x2", copies=1)
 
 
 _ASM = gl.constexpr(DECODE_ASM)
@@ -134,6 +140,9 @@ _CONSTRAINTS = gl.constexpr(CONSTRAINTS)
 _PAIRS_CONSTRAINTS = gl.constexpr(PAIRS_CONSTRAINTS)
 _PAIRS_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
 _PAIRS_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
+_WORD_CONSTRAINTS = gl.constexpr(WORD_PAIRS_CONSTRAINTS)
+_WORD_BF16 = gl.constexpr(WORD_PAIRS_BF16_ASM)
+_WORD_FP16 = gl.constexpr(WORD_PAIRS_FP16_ASM)
 # The absmax, rounded to x's 16-bit type, in both halves of a register.
 _SCALE_BF16 = gl.constexpr("cvt.rn.bf16x2.f32 $0, $1, $1;")
 _SCALE_FP16 = gl.constexpr("cvt.rn.f16x2.f32 $0, $1, $1;")
@@ -163,16 +172,36 @@ def decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
 
 
 @gluon.jit
+def _scale_pair(scale, FP16: gl.constexpr):
+    """The absmax rounded to the 16-bit type, in both halves of an int32."""
+    return gl.inline_asm_elementwise(
+        _SCALE_FP16 if FP16 else _SCALE_BF16, "=r,r", [scale], gl.int32, True, 1
+    )
+
+
+@gluon.jit
 def decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.constexpr):
     """uint8 bytes [..., byte] and their fp32 absmax [...] -> int32 [..., byte]: each byte's two
     codes times the absmax, as one register of two 16-bit values (fp16 if FP16, else bf16) in K
     order (tensor-core kernels). The table words must be of the same type."""
-    scale_pair = gl.inline_asm_elementwise(
-        _SCALE_FP16 if FP16 else _SCALE_BF16, "=r,r", [scale], gl.int32, True, 1
-    )
+    scale_pair = gl.expand_dims(_scale_pair(scale, FP16), len(packed.shape) - 1)
     return gl.inline_asm_elementwise(
         _PAIRS_FP16 if FP16 else _PAIRS_BF16, _PAIRS_CONSTRAINTS,
-        [packed, gl.expand_dims(scale_pair, len(packed.shape) - 1), t0, t1, t2, t3, t4, t5, t6,
-         t7],
-        dtype=gl.int32, is_pure=True, pack=4,
+        [packed, scale_pair, t0, t1, t2, t3, t4, t5, t6, t7], dtype=gl.int32, is_pure=True,
+        pack=4,
     )  # fmt: skip
+
+
+@gluon.jit
+def decode_word_pairs(words, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.constexpr):
+    """`decode_pairs` over int32 words of four bytes each [..., word] -> [..., word, 2, 2] (byte
+    2j + i of a word at [..., j, i]: the bytes in order, row-major). Words are what a kernel
+    keeps in registers across loop iterations: bytes carried through a loop are re-packed into
+    registers one by one."""
+    scale_pair = gl.expand_dims(_scale_pair(scale, FP16), len(words.shape) - 1)
+    p0, p1, p2, p3 = gl.inline_asm_elementwise(
+        _WORD_FP16 if FP16 else _WORD_BF16, _WORD_CONSTRAINTS,
+        [words, scale_pair, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1,
+    )  # fmt: skip
+    return gl.join(gl.join(p0, p2), gl.join(p1, p3))

@@ -10,7 +10,7 @@ Bytes are decoded in registers (`decode_4bit`).
 Three kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
   once. The weight bytes are the whole cost, so it streams them with wide loads.
-- "mma" (`mma_4bit.py`, Gluon, Hopper): 1-8 rows of x on tensor cores from registers;
+- "mma" (`mma_4bit.py`, Gluon, Hopper): up to 64 rows of x on tensor cores from registers;
   each byte's codes stay one scaled 16-bit pair, fed to `mma.sync` with x as its N side.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
@@ -136,8 +136,8 @@ def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.const
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
     """One launch shape of one kernel, or "bitsandbytes": use bnb's own matmul here. Fields a
-    kernel does not read keep their defaults (num_stages: "gemm" and "wgmma"; threads_n and
-    warps_n: "gemv" only; w_left: "gemm" and "wgmma")."""
+    kernel does not read keep their defaults (threads_n and warps_n: "gemv" only; w_left:
+    "gemm" and "wgmma")."""
 
     kernel: str  # "gemv", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
@@ -145,6 +145,9 @@ class KernelConfig:
     block_k: int = 0  # gemm, wgmma: values of K per loop step
     split_k: int = 1
     num_warps: int = 4
+    # gemm, wgmma: K steps of copies in flight. gemv: K steps per loop iteration (2 or 4), all
+    # their weight bytes requested as it starts. mma (two steps per iteration): 2 = as the
+    # iteration starts; 4 = the next iteration's requested before this one's are decoded.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
@@ -222,11 +225,11 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
         return config.block_m >= m
-    if config.kernel == "mma":  # 16 weight rows per warp, up to 8 rows of x
+    if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
         # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
         return (
-            m <= 8
-            and config.block_m == 8
+            m <= config.block_m
+            and config.block_m in MMA_BLOCK_M
             and config.block_n == 16 * config.num_warps
             and _capability(device) == (9, 0)
         )
@@ -238,6 +241,9 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
             and _capability(device) == (9, 0)
         )
     return config.kernel == "gemm"
+
+
+MMA_BLOCK_M = (8, 16, 32, 64)  # x rows the register MMA kernel holds: 8 per MMA, power of two
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
@@ -342,7 +348,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
-        num_warps=config.num_warps,
+        STEPS=4 if config.num_stages > 2 else 2, num_warps=config.num_warps,
     )  # fmt: skip
 
 
@@ -353,7 +359,8 @@ def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, c
     mma_4bit_kernel[grid](
         x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
-        SPLIT_K=config.split_k, num_warps=config.num_warps,
+        BLOCK_M=config.block_m, SPLIT_K=config.split_k, PREFETCH=config.num_stages > 2,
+        num_warps=config.num_warps,
     )  # fmt: skip
 
 

@@ -74,7 +74,8 @@ def test_warpgroup_tiles_hopper_has():
 
 
 def test_register_mma_tiles(monkeypatch):
-    """The register tensor-core kernel: 16 weight rows per warp, at most 8 rows of x, Hopper."""
+    """The register tensor-core kernel: 16 weight rows per warp, a power-of-two tile of 8-64 rows
+    of x, Hopper."""
     from engine.kernels import matmul_4bit as mm
 
     cuda = torch.device("cuda")
@@ -83,5 +84,9 @@ def test_register_mma_tiles(monkeypatch):
     assert mm.fits(config, 8, 4096, cuda)
     assert not mm.fits(config, 9, 4096, cuda)
     assert not mm.fits(mm.KernelConfig("mma", 8, 32, 0, 2, 4), 1, 4096, cuda)
+    assert mm.fits(mm.KernelConfig("mma", 64, 16, 0, 2, 1), 64, 4096, cuda)
+    assert not mm.fits(mm.KernelConfig("mma", 64, 16, 0, 2, 1), 65, 4096, cuda)
+    assert not mm.fits(mm.KernelConfig("mma", 24, 16, 0, 2, 1), 20, 4096, cuda)  # not 2^n
+    assert not mm.fits(mm.KernelConfig("mma", 128, 16, 0, 2, 1), 100, 4096, cuda)
     monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
     assert not mm.fits(config, 1, 4096, cuda)

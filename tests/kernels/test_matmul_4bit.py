@@ -106,8 +106,14 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 4, num_warps=2),
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
         KernelConfig("gemv", 8, 2, num_warps=8, warps_n=2),
+        KernelConfig("gemv", 1, 8, num_warps=8, num_stages=4),  # 4 K steps per iteration
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
+        KernelConfig("mma", 16, 64, 0, 2, 4),
+        KernelConfig("mma", 8, 32, 0, 8, 2, 4),  # next iteration's bytes prefetched
+        KernelConfig("mma", 16, 16, 0, 16, 1, 4),
+        KernelConfig("mma", 32, 32, 0, 1, 2),
+        KernelConfig("mma", 64, 16, 0, 4, 1),
         KernelConfig("gemm", 16, 64, 128, 4, 4, 3, w_left=True),
         KernelConfig("gemm", 64, 128, 64, 1, 4, 3, w_left=False),
     ]
@@ -137,8 +143,10 @@ def test_every_kernel_variant(quant_type, dtype):
         packed, absmax, code, weight = quantized(n, k, quant_type, True)
         table = code_table(code, torch.device("cuda"))
         for config in _kernel_variants():
-            if config.kernel in ("gemv", "mma"):
+            if config.kernel == "gemv" or config.block_m == 8:
                 m = min(config.block_m, 7)
+            elif config.kernel == "mma":
+                m = config.block_m - 3  # rows that do not fill the tile
             elif config.kernel == "wgmma" and config.w_left:
                 m = config.block_m + 3  # a second batch tile, ragged
             else:
