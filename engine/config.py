@@ -94,6 +94,12 @@ class EngineConfig(BaseModel):
         description="Run every step eagerly; otherwise decode steps replay CUDA graphs "
         "(on CUDA with the Triton kernels, single GPU).",
     )
+    async_scheduling: bool = Field(
+        True,
+        description="Single GPU: while a decode step runs, queue the next one behind it (fed the "
+        "tokens it samples, on the device) and process the first one's tokens on the host "
+        "meanwhile, so the GPU does not wait for the host between steps.",
+    )
     kernels: Literal["auto", "triton", "native"] = Field(
         "auto",
         description="auto: nibble's Triton kernels (fused 4-bit matmul, paged attention, fused "

@@ -42,8 +42,11 @@ class DecodeGraphRunner:
         self.device = device
         n = self.max_batch
         # Rows: input ids, positions, slots, context lengths; one host->device copy per step.
+        # Two pinned staging buffers, used in turn: with a step launched ahead of the one being
+        # read back, the next step's inputs are written while the previous copy may be pending.
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
-        self.staging = torch.zeros((4, n), dtype=torch.long).pin_memory()
+        self.staging = [torch.zeros((4, n), dtype=torch.long).pin_memory() for _ in range(2)]
+        self._turn = 0
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
@@ -114,12 +117,15 @@ class DecodeGraphRunner:
         slot_mapping: list[int],
         context_lens: list[int],
         block_tables: list[list[int]],
+        device_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B, hidden] of one decode step of B sequences."""
+        """Hidden states [B, hidden] of one decode step of B sequences; `device_input_ids`, when
+        given, replaces `input_ids` (tokens a previous step sampled, not yet read back)."""
         batch = len(input_ids)
         size = self.bucket(batch)
         pad = size - batch
-        staging = self.staging[:, :size]
+        staging = self.staging[self._turn][:, :size]
+        self._turn ^= 1
         staging[0, :batch] = torch.tensor(input_ids)
         staging[1, :batch] = torch.tensor(positions)
         staging[2, :batch] = torch.tensor(slot_mapping)
@@ -128,6 +134,8 @@ class DecodeGraphRunner:
             staging[:, batch:] = 0
             staging[2, batch:] = -1
         self.inputs[:, :size].copy_(staging, non_blocking=True)
+        if device_input_ids is not None:
+            self.inputs[0, :batch].copy_(device_input_ids)
         width = len(block_tables[0])
         self.block_tables[:batch, :width].copy_(torch.tensor(block_tables), non_blocking=True)
         graph, out = self.graphs[size]

@@ -13,11 +13,11 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, check_stop
 from engine.model_files import load_tokenizer
-from engine.model_runner import ModelRunnerOutput, StepPlan
+from engine.model_runner import LaunchedStep, ModelRunnerOutput, StepPlan
 from engine.model_spec import ModelSpec
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence
 from engine.stats import FinishedStats, StepStats
 from engine.validation import RequestLimits, validate_request
@@ -62,6 +62,9 @@ class LLMEngine:
         # Per-step figures for a metrics exporter (take_stats); off unless one asks for them.
         self.collect_stats = False
         self._stats = StepStats()
+        # A decode step queued on the GPU ahead of the host (async_scheduling): the next call
+        # reads it back.
+        self._launched: LaunchedStep | None = None
 
     # Requests.
 
@@ -135,28 +138,88 @@ class LLMEngine:
         return stats
 
     def step(self) -> list[RequestOutput]:
-        schedule = self.scheduler.schedule()
-        if not schedule.scheduled:
-            return []
-        start = now = time.monotonic()
-        for s in schedule.scheduled:
-            if s.seq.first_scheduled_time is None:
-                s.seq.first_scheduled_time = now
-        result = self.runner.execute(schedule, self.generator, self.broadcast)
-        for s in schedule.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-        outputs = self._postprocess(result)
+        start = time.monotonic()
+        launched, self._launched = self._launched, None
+        if launched is None:
+            schedule = self.scheduler.schedule()
+            if not schedule.scheduled:
+                return []
+            for s in schedule.scheduled:
+                if s.seq.first_scheduled_time is None:
+                    s.seq.first_scheduled_time = start
+            if not self._can_launch(schedule):
+                result = self.runner.execute(schedule, self.generator, self.broadcast)
+                for s in schedule.scheduled:
+                    s.seq.num_computed_tokens += s.num_new_tokens
+                outputs = self._postprocess(result)
+                self._record_step(start, len(schedule.scheduled), schedule.num_tokens,
+                                  schedule.num_preempted)  # fmt: skip
+                return outputs
+            launched = self.runner.launch(schedule, self.generator)
+            for s in schedule.scheduled:
+                s.seq.num_computed_tokens += 1
+            num_preempted = schedule.num_preempted
+        else:
+            num_preempted = 0
+        # `launched` is on the GPU: queue the step after it first, then read it back and work
+        # on its tokens while the GPU runs that one.
+        self._launched = self._launch_followup(launched)
+        outputs = self._postprocess(self.runner.read_back(launched))
+        if self._launched is not None and all(s.is_finished for s in self._launched.sampled.seqs):
+            self.runner.read_back(self._launched)  # nothing left to use it: drain the GPU
+            self._launched = None
+        num_seqs = len(launched.sampled.seqs)
+        self._record_step(start, num_seqs, num_seqs, num_preempted)
+        return outputs
+
+    def _can_launch(self, schedule: SchedulerOutput) -> bool:
+        """Whether a step may run launched ahead: async scheduling on, one GPU (other ranks
+        follow plans, not device tokens), and a decode step where every sequence samples."""
+        return (
+            self.config.async_scheduling
+            and self.broadcast is None
+            and all(s.num_new_tokens == 1 and s.samples for s in schedule.scheduled)
+        )
+
+    def _launch_followup(self, launched: LaunchedStep) -> LaunchedStep | None:
+        """Queue the decode step after `launched` for its sequences, before knowing which of
+        them its tokens end (their extra token is then dropped); None where the scheduler must
+        decide the next step: requests are waiting, other sequences are running, a sequence
+        surely ends with this token, or a penalty needs the token on the host."""
+        seqs = launched.sampled.seqs
+        if self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+            return None
+        follow = [s for s in seqs if not s.is_finished and not self._ends_with_next_token(s)]
+        if not follow or any(_needs_sampled_tokens(s) for s in follow):
+            return None
+        manager = self.block_manager
+        if sum(manager.num_new_blocks(s, 1) for s in follow) > manager.num_free_blocks:
+            return None
+        for seq in follow:
+            manager.allocate(seq, 1)
+        followup = self.runner.launch_followup(launched, follow, self.generator)
+        for seq in follow:
+            seq.num_computed_tokens += 1
+        return followup
+
+    def _ends_with_next_token(self, seq: Sequence) -> bool:
+        """Whether the token in flight for seq (not yet appended) reaches a length limit."""
+        limit = seq.params.max_tokens
+        return (limit is not None and seq.num_output_tokens + 1 >= limit) or (
+            seq.num_tokens + 1 >= self.max_model_len
+        )
+
+    def _record_step(self, start: float, num_seqs: int, num_tokens: int, preempted: int) -> None:
         if not self.collect_stats:
-            return outputs
+            return
         stats = self._stats
         stats.step_seconds = time.monotonic() - start
-        stats.num_seqs = len(schedule.scheduled)
-        stats.num_tokens = schedule.num_tokens
-        stats.num_preempted += schedule.num_preempted
+        stats.num_seqs = num_seqs
+        stats.num_tokens = num_tokens
+        stats.num_preempted += preempted
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.block_manager.usage
-        return outputs
 
     def _postprocess(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
@@ -164,6 +227,8 @@ class LLMEngine:
             seq.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
         now = time.monotonic()
         for seq, token in result.sampled:
+            if seq.is_finished:  # a token launched ahead for a sequence that ended since
+                continue
             seq.token_ids.append(token.token_id)
             seq.cumulative_logprob += token.logprob
             if self.collect_stats:
@@ -226,3 +291,15 @@ class LLMEngine:
             prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
             outputs=outputs, finished=request.finished,
         )  # fmt: skip
+
+
+def _needs_sampled_tokens(seq: Sequence) -> bool:
+    """Whether sampling seq's next token reads its output tokens on the host (penalties; the
+    min_tokens count, which would miss the token in flight), so the step cannot be launched
+    before they are read back."""
+    p = seq.params
+    return (
+        p.repetition_penalty != 1.0
+        or bool(p.frequency_penalty or p.presence_penalty)
+        or seq.num_output_tokens < p.min_tokens
+    )

@@ -21,7 +21,7 @@ from engine.kernels import enable_kernels, kernels_available
 from engine.kv_cache import allocate_kv_cache, determine_num_blocks, free_kv_cache
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
-from engine.sampler import SampledToken, Sampler, top_logprobs
+from engine.sampler import SampledToken, Sampler, SamplerOutput, top_logprobs
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
@@ -50,6 +50,14 @@ class StepPlan:
     batches: list[BatchPlan] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
     prompt_rows: list[int] = field(default_factory=list)  # rows for prompt logprobs
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A decode step queued on the GPU whose tokens have not been read back: the next step can
+    be launched behind it, fed its tokens on the device (`ModelRunner.launch_followup`)."""
+
+    sampled: SamplerOutput  # .seqs: the step's sequences, in row order
 
 
 @dataclass(slots=True)
@@ -176,12 +184,18 @@ class ModelRunner:
         return AttentionMetadata(self._tensor(plan.slot_mapping), batches)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Forward pass and LM head: logits of the sample rows and of the prompt-logprob rows."""
-        hidden = self._replay_graph(plan)
+    def run(
+        self, plan: StepPlan, device_input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward pass and LM head: logits of the sample rows and of the prompt-logprob rows.
+        `device_input_ids`, when given, replaces plan.input_ids (a followup decode step)."""
+        hidden = self._replay_graph(plan, device_input_ids)
         if hidden is None:
+            input_ids = device_input_ids
+            if input_ids is None:
+                input_ids = self._tensor(plan.input_ids)
             with set_forward_context(self._metadata(plan)):
-                hidden = self.model(self._tensor(plan.input_ids), self._tensor(plan.positions))
+                hidden = self.model(input_ids, self._tensor(plan.positions))
         sample_logits = prompt_logits = None
         if plan.sample_rows:
             # Decode steps sample every row: no gather needed.
@@ -191,7 +205,9 @@ class ModelRunner:
             prompt_logits = self.model.compute_logits(hidden[plan.prompt_rows])
         return sample_logits, prompt_logits
 
-    def _replay_graph(self, plan: StepPlan) -> torch.Tensor | None:
+    def _replay_graph(
+        self, plan: StepPlan, device_input_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """Hidden states from a captured CUDA graph, for a decode-only step that fits one."""
         if self.graphs is None or len(plan.batches) != 1 or plan.prompt_rows:
             return None
@@ -201,7 +217,7 @@ class ModelRunner:
             return None
         return self.graphs.run(
             plan.input_ids, plan.positions, plan.slot_mapping, batch.context_lens,
-            batch.block_tables,
+            batch.block_tables, device_input_ids,
         )  # fmt: skip
 
     # One whole step on rank 0.
@@ -222,6 +238,50 @@ class ModelRunner:
         if prompt_logits is not None:
             result.prompt_logprobs = self._prompt_logprobs(prompt_logits, prompt_targets)
         return result
+
+    # Decode steps launched ahead (rank 0, one GPU): the host works on step N's tokens while the
+    # GPU runs step N + 1.
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput, generator: torch.Generator) -> LaunchedStep:
+        """Queue a decode-only step (every sequence samples) without waiting for it."""
+        plan, sample_seqs, _ = self.plan(output)
+        sample_logits, _ = self.run(plan)
+        return LaunchedStep(self.sampler.sample(sample_logits, sample_seqs, generator))
+
+    @torch.inference_mode()
+    def launch_followup(
+        self, previous: LaunchedStep, seqs: list[Sequence], generator: torch.Generator
+    ) -> LaunchedStep:
+        """Queue the decode step after `previous` for `seqs` (some or all of its sequences, in
+        its order), their input tokens the ones `previous` sampled, still on the device. Each
+        sequence's next slot must be allocated (BlockManager.allocate(seq, 1))."""
+        bs = self.block_size
+        plan = StepPlan(input_ids=[0] * len(seqs), sample_rows=list(range(len(seqs))))
+        batch = BatchPlan(0, len(seqs), [], [], [], [])
+        max_blocks = max(len(s.block_table) for s in seqs)
+        for j, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens  # the position of the token `previous` sampled
+            table = seq.block_table
+            plan.positions.append(pos)
+            plan.slot_mapping.append(table[pos // bs] * bs + pos % bs)
+            batch.flat_index.append(j)
+            batch.query_positions.append([pos])
+            batch.block_tables.append(table + [0] * (max_blocks - len(table)))
+            batch.context_lens.append(pos + 1)
+        plan.batches.append(batch)
+        token_ids = previous.sampled.token_ids
+        if len(seqs) != len(previous.sampled.seqs):
+            rows = {id(s): i for i, s in enumerate(previous.sampled.seqs)}
+            token_ids = token_ids[self._tensor([rows[id(s)] for s in seqs])]
+        sample_logits, _ = self.run(plan, token_ids)
+        return LaunchedStep(self.sampler.sample(sample_logits, seqs, generator))
+
+    @staticmethod
+    def read_back(step: LaunchedStep) -> ModelRunnerOutput:
+        """Wait for a launched step and return its tokens."""
+        seqs = step.sampled.seqs
+        return ModelRunnerOutput(sampled=list(zip(seqs, step.sampled.tokens(), strict=True)))
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]):
         logprobs = torch.log_softmax(logits.float(), dim=-1)

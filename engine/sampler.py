@@ -17,6 +17,25 @@ class SampledToken:
     top_logprobs: dict[int, tuple[float, int]] | None  # token -> (logprob, rank), incl. token_id
 
 
+@dataclass(slots=True)
+class SamplerOutput:
+    """One step's choices, still on the device: nothing has waited for the GPU yet."""
+
+    token_ids: torch.Tensor  # [rows] long
+    chosen_logprobs: torch.Tensor  # [rows] float
+    raw_logprobs: torch.Tensor  # [rows, vocab]
+    seqs: list[Sequence]
+
+    def tokens(self) -> list[SampledToken]:
+        """Read the choices back (waits for the step to finish)."""
+        token_list = self.token_ids.tolist()
+        chosen_list = self.chosen_logprobs.tolist()
+        return [
+            SampledToken(tok, lp, top_logprobs(self.raw_logprobs[i], tok, seq.params.logprobs))
+            for i, (seq, tok, lp) in enumerate(zip(self.seqs, token_list, chosen_list, strict=True))
+        ]
+
+
 class Sampler:
     """Logprobs are the model's raw log-softmax (before penalties and temperature), as vLLM
     reports them; the choice itself uses the processed distribution."""
@@ -24,6 +43,13 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
     ) -> list[SampledToken]:
+        return self.sample(logits, seqs, generator).tokens()
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
+    ) -> SamplerOutput:
+        """Choose each row's token without waiting for the GPU (decisions that depend on the
+        parameters are made from them, on the host)."""
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
@@ -43,16 +69,12 @@ class Sampler:
                 q = torch.empty_like(probs[row]).exponential_(generator=gen)
                 token_ids[i] = (probs[row] / q).argmax()
         chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        token_list, chosen_list = token_ids.tolist(), chosen.tolist()
-        return [
-            SampledToken(tok, lp, top_logprobs(raw_logprobs[i], tok, seqs[i].params.logprobs))
-            for i, (tok, lp) in enumerate(zip(token_list, chosen_list, strict=True))
-        ]
+        return SamplerOutput(token_ids, chosen, raw_logprobs, seqs)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits with penalties and min_tokens applied: a copy, or the same tensor where
         no sequence needs either (no copy on the common path)."""
-        if not any(_needs_logit_processing(s) for s in seqs):
+        if not any(needs_logit_processing(s) for s in seqs):
             return logits
         logits = logits.clone()
         for i, seq in enumerate(seqs):
@@ -83,21 +105,21 @@ class Sampler:
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-        if (top_p < 1.0).any():
+        if any(s.params.top_p < 1.0 for s in seqs):
+            top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always the top token).
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-        if (min_p > 0).any():
+        if any(s.params.min_p > 0 for s in seqs):
+            min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def _needs_logit_processing(seq: Sequence) -> bool:
+def needs_logit_processing(seq: Sequence) -> bool:
     p = seq.params
     return (
         p.repetition_penalty != 1.0
