@@ -46,8 +46,12 @@ class DecodeGraphRunner:
         # read back, the next step's inputs are written while the previous copy may be pending.
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
         self.staging = [torch.zeros((4, n), dtype=torch.long).pin_memory() for _ in range(2)]
-        self._turn = 0
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=device)
+        # Block tables as [batch, width] from the front of a flat buffer (contiguous for the copy).
+        self.table_staging = [
+            torch.zeros(n * max_blocks_per_seq, dtype=torch.long).pin_memory() for _ in range(2)
+        ]
+        self._turn = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
@@ -125,6 +129,8 @@ class DecodeGraphRunner:
         size = self.bucket(batch)
         pad = size - batch
         staging = self.staging[self._turn][:, :size]
+        width = len(block_tables[0])
+        tables = self.table_staging[self._turn][: batch * width].view(batch, width)
         self._turn ^= 1
         staging[0, :batch] = torch.tensor(input_ids)
         staging[1, :batch] = torch.tensor(positions)
@@ -136,8 +142,8 @@ class DecodeGraphRunner:
         self.inputs[:, :size].copy_(staging, non_blocking=True)
         if device_input_ids is not None:
             self.inputs[0, :batch].copy_(device_input_ids)
-        width = len(block_tables[0])
-        self.block_tables[:batch, :width].copy_(torch.tensor(block_tables), non_blocking=True)
+        tables.copy_(torch.tensor(block_tables))
+        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
         graph, out = self.graphs[size]
         graph.replay()
         return out[:batch]

@@ -24,6 +24,7 @@ from engine.loader import load_model
 from engine.sampler import SampledToken, Sampler, SamplerOutput, top_logprobs
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class ModelRunner:
     # Running (every rank).
 
     def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return to_device(values, torch.long, self.device)
 
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
         batches = [

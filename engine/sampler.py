@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sequence import Sequence
+from engine.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -53,16 +54,19 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs)
+        device = logits.device
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
         if len(greedy) == len(seqs):  # the common decode case: one argmax, no indexing
             token_ids = logits.argmax(dim=-1)
         else:
-            token_ids = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            token_ids = torch.empty(len(seqs), dtype=torch.long, device=device)
             if greedy:
-                token_ids[greedy] = logits[greedy].argmax(dim=-1)
+                rows = to_device(greedy, torch.long, device)
+                token_ids[rows] = logits[rows].argmax(dim=-1)
         random = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if random:
-            probs = self._processed_probs(logits[random], [seqs[i] for i in random])
+            rows = to_device(random, torch.long, device)
+            probs = self._processed_probs(logits[rows], [seqs[i] for i in random])
             for row, i in enumerate(random):
                 gen = seqs[i].generator or generator
                 # argmax(p / q) with q ~ Exp(1) is a draw from p (the exponential race).
@@ -97,23 +101,23 @@ class Sampler:
 
     def _processed_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([s.params.temperature for s in seqs], device=device)
+        temperature = to_device([s.params.temperature for s in seqs], torch.float32, device)
         logits = logits / temperature.unsqueeze(1)
         top_k = [s.params.top_k for s in seqs]
         if any(top_k):
-            k = torch.tensor([t or logits.shape[1] for t in top_k], device=device)
+            k = to_device([t or logits.shape[1] for t in top_k], torch.long, device)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)
         if any(s.params.top_p < 1.0 for s in seqs):
-            top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+            top_p = to_device([s.params.top_p for s in seqs], torch.float32, device)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always the top token).
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p.unsqueeze(1)
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
         if any(s.params.min_p > 0 for s in seqs):
-            min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+            min_p = to_device([s.params.min_p for s in seqs], torch.float32, device)
             threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs / probs.sum(dim=-1, keepdim=True)
