@@ -20,17 +20,39 @@ class SampledToken:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    """One step's choices, still on the device: nothing has waited for the GPU yet."""
+    """One step's choices. On CUDA they are already being copied to pinned host memory, behind
+    the step on its stream: reading them back waits for this step only, not for a step
+    launched after it (a plain device-to-host copy would queue behind that one)."""
 
-    token_ids: torch.Tensor  # [rows] long
+    token_ids: torch.Tensor  # [rows] long, on the device
     chosen_logprobs: torch.Tensor  # [rows] float
     raw_logprobs: torch.Tensor  # [rows, vocab]
     seqs: list[Sequence]
+    ready: torch.cuda.Event | None = None  # recorded after the copies to the host
+    host_token_ids: torch.Tensor | None = None
+    host_chosen_logprobs: torch.Tensor | None = None
+
+    def start_copy_to_host(self) -> None:
+        if self.token_ids.device.type != "cuda":
+            return
+        self.host_token_ids = torch.empty_like(self.token_ids, device="cpu", pin_memory=True)
+        self.host_chosen_logprobs = torch.empty_like(
+            self.chosen_logprobs, device="cpu", pin_memory=True
+        )
+        self.host_token_ids.copy_(self.token_ids, non_blocking=True)
+        self.host_chosen_logprobs.copy_(self.chosen_logprobs, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
 
     def tokens(self) -> list[SampledToken]:
         """Read the choices back (waits for the step to finish)."""
-        token_list = self.token_ids.tolist()
-        chosen_list = self.chosen_logprobs.tolist()
+        if self.ready is not None:
+            self.ready.synchronize()
+            token_list = self.host_token_ids.tolist()
+            chosen_list = self.host_chosen_logprobs.tolist()
+        else:
+            token_list = self.token_ids.tolist()
+            chosen_list = self.chosen_logprobs.tolist()
         return [
             SampledToken(tok, lp, top_logprobs(self.raw_logprobs[i], tok, seq.params.logprobs))
             for i, (seq, tok, lp) in enumerate(zip(self.seqs, token_list, chosen_list, strict=True))
@@ -73,7 +95,9 @@ class Sampler:
                 q = torch.empty_like(probs[row]).exponential_(generator=gen)
                 token_ids[i] = (probs[row] / q).argmax()
         chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        return SamplerOutput(token_ids, chosen, raw_logprobs, seqs)
+        output = SamplerOutput(token_ids, chosen, raw_logprobs, seqs)
+        output.start_copy_to_host()
+        return output
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The logits with penalties and min_tokens applied: a copy, or the same tensor where
