@@ -35,9 +35,10 @@ class SamplerOutput:
     def start_copy_to_host(self) -> None:
         if self.token_ids.device.type != "cuda":
             return
-        self.host_token_ids = torch.empty_like(self.token_ids, device="cpu", pin_memory=True)
-        self.host_chosen_logprobs = torch.empty_like(
-            self.chosen_logprobs, device="cpu", pin_memory=True
+        rows = self.token_ids.shape
+        self.host_token_ids = torch.empty(rows, dtype=torch.long, pin_memory=True)
+        self.host_chosen_logprobs = torch.empty(
+            rows, dtype=self.chosen_logprobs.dtype, pin_memory=True
         )
         self.host_token_ids.copy_(self.token_ids, non_blocking=True)
         self.host_chosen_logprobs.copy_(self.chosen_logprobs, non_blocking=True)
