@@ -20,28 +20,26 @@ class SampledToken:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    """One step's choices. On CUDA they are already being copied to pinned host memory, behind
-    the step on its stream: reading them back waits for this step only, not for a step
-    launched after it (a plain device-to-host copy would queue behind that one)."""
+    """One step's choices, and the log-probabilities asked for with them, as device tensors. On
+    CUDA they are already being copied to pinned host memory behind the step on its stream:
+    reading them back waits for this step only, not for a step launched after it (a plain
+    device-to-host read would queue behind that one)."""
 
-    token_ids: torch.Tensor  # [rows] long, on the device
-    chosen_logprobs: torch.Tensor  # [rows] float
-    raw_logprobs: torch.Tensor  # [rows, vocab]
+    token_ids: torch.Tensor  # [rows] long, on the device (a followup step's input)
     seqs: list[Sequence]
+    logprob_rows: list[int]  # rows whose sequences asked for logprobs
+    # chosen logprob [rows]; for logprob_rows: chosen rank, top-k values, top-k ids.
+    results: tuple[torch.Tensor, ...]
+    host: tuple[torch.Tensor, ...] | None = None  # pinned copies of (token_ids, *results)
     ready: torch.cuda.Event | None = None  # recorded after the copies to the host
-    host_token_ids: torch.Tensor | None = None
-    host_chosen_logprobs: torch.Tensor | None = None
 
     def start_copy_to_host(self) -> None:
         if self.token_ids.device.type != "cuda":
             return
-        rows = self.token_ids.shape
-        self.host_token_ids = torch.empty(rows, dtype=torch.long, pin_memory=True)
-        self.host_chosen_logprobs = torch.empty(
-            rows, dtype=self.chosen_logprobs.dtype, pin_memory=True
-        )
-        self.host_token_ids.copy_(self.token_ids, non_blocking=True)
-        self.host_chosen_logprobs.copy_(self.chosen_logprobs, non_blocking=True)
+        tensors = (self.token_ids, *self.results)
+        self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for host, tensor in zip(self.host, tensors, strict=True):
+            host.copy_(tensor, non_blocking=True)
         self.ready = torch.cuda.Event()
         self.ready.record()
 
@@ -49,15 +47,18 @@ class SamplerOutput:
         """Read the choices back (waits for the step to finish)."""
         if self.ready is not None:
             self.ready.synchronize()
-            token_list = self.host_token_ids.tolist()
-            chosen_list = self.host_chosen_logprobs.tolist()
-        else:
-            token_list = self.token_ids.tolist()
-            chosen_list = self.chosen_logprobs.tolist()
-        return [
-            SampledToken(tok, lp, top_logprobs(self.raw_logprobs[i], tok, seq.params.logprobs))
-            for i, (seq, tok, lp) in enumerate(zip(self.seqs, token_list, chosen_list, strict=True))
-        ]
+        tensors = self.host if self.host is not None else (self.token_ids, *self.results)
+        token_list, chosen, *top = [t.tolist() for t in tensors]
+        tops: dict[int, dict[int, tuple[float, int]]] = {}
+        if self.logprob_rows:
+            ranks, values, ids = top
+            for j, i in enumerate(self.logprob_rows):
+                entry = {token_list[i]: (chosen[i], ranks[j])}
+                k = self.seqs[i].params.logprobs
+                for r, (v, t) in enumerate(zip(values[j][:k], ids[j][:k], strict=True), start=1):
+                    entry.setdefault(t, (v, r))
+                tops[i] = entry
+        return [SampledToken(tok, chosen[i], tops.get(i)) for i, tok in enumerate(token_list)]
 
 
 class Sampler:
@@ -96,7 +97,16 @@ class Sampler:
                 q = torch.empty_like(probs[row]).exponential_(generator=gen)
                 token_ids[i] = (probs[row] / q).argmax()
         chosen = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        output = SamplerOutput(token_ids, chosen, raw_logprobs, seqs)
+        results: tuple[torch.Tensor, ...] = (chosen,)
+        logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if logprob_rows:
+            rows = to_device(logprob_rows, torch.long, device)
+            wanted = raw_logprobs[rows]
+            ranks = (wanted > chosen[rows].unsqueeze(1)).sum(dim=1) + 1
+            k = max(seqs[i].params.logprobs for i in logprob_rows)
+            values, ids = wanted.topk(k, dim=-1)  # k may be 0: empty
+            results = (chosen, ranks, values, ids)
+        output = SamplerOutput(token_ids, seqs, logprob_rows, results)
         output.start_copy_to_host()
         return output
 
