@@ -45,7 +45,9 @@ class DecodeGraphRunner:
         # Two pinned staging buffers, used in turn: with a step launched ahead of the one being
         # read back, the next step's inputs are written while the previous copy may be pending.
         self.inputs = torch.zeros((4, n), dtype=torch.long, device=device)
-        self.staging = [torch.zeros((4, n), dtype=torch.long).pin_memory() for _ in range(2)]
+        # Flat, so that a bucket's [4, size] view of it is contiguous: copy_ would first copy a
+        # strided source into ordinary (pageable) memory, whose copy waits for the stream.
+        self.staging = [torch.zeros(4 * n, dtype=torch.long).pin_memory() for _ in range(2)]
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.long, device=device)
         # Block tables as [batch, width] from the front of a flat buffer (contiguous for the copy).
         self.table_staging = [
@@ -128,7 +130,7 @@ class DecodeGraphRunner:
         batch = len(input_ids)
         size = self.bucket(batch)
         pad = size - batch
-        staging = self.staging[self._turn][:, :size]
+        staging = self.staging[self._turn][: 4 * size].view(4, size)
         width = len(block_tables[0])
         tables = self.table_staging[self._turn][: batch * width].view(batch, width)
         self._turn ^= 1

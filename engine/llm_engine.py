@@ -125,6 +125,7 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 if self.collect_stats:
                     self._stats.finished.append(FinishedStats.of(seq, now))
+        self._drop_launched_if_done()
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -165,12 +166,17 @@ class LLMEngine:
         # on its tokens while the GPU runs that one.
         self._launched = self._launch_followup(launched)
         outputs = self._postprocess(self.runner.read_back(launched))
-        if self._launched is not None and all(s.is_finished for s in self._launched.sampled.seqs):
-            self.runner.read_back(self._launched)  # nothing left to use it: drain the GPU
-            self._launched = None
+        self._drop_launched_if_done()
         num_seqs = len(launched.sampled.seqs)
         self._record_step(start, num_seqs, num_seqs, num_preempted)
         return outputs
+
+    def _drop_launched_if_done(self) -> None:
+        """A queued step whose sequences have all ended (finished, aborted) is waited for and
+        dropped now: no later step() may come to read it back."""
+        if self._launched is not None and all(s.is_finished for s in self._launched.sampled.seqs):
+            self.runner.read_back(self._launched)
+            self._launched = None
 
     def _can_launch(self, schedule: SchedulerOutput) -> bool:
         """Whether a step may run launched ahead: async scheduling on, one GPU (other ranks
@@ -184,10 +190,14 @@ class LLMEngine:
     def _launch_followup(self, launched: LaunchedStep) -> LaunchedStep | None:
         """Queue the decode step after `launched` for its sequences, before knowing which of
         them its tokens end (their extra token is then dropped); None where the scheduler must
-        decide the next step: requests are waiting, other sequences are running, a sequence
-        surely ends with this token, or a penalty needs the token on the host."""
+        decide the next step: requests are waiting that could be admitted, running sequences
+        are not in this step, a sequence surely ends with this token, or a penalty needs the
+        token on the host."""
+        scheduler = self.scheduler
+        if scheduler.waiting and len(scheduler.running) < self.config.max_num_seqs:
+            return None
         seqs = launched.sampled.seqs
-        if self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+        if not set(scheduler.running) <= set(seqs):  # finished ones have left `running`
             return None
         follow = [s for s in seqs if not s.is_finished and not self._ends_with_next_token(s)]
         if not follow or any(_needs_sampled_tokens(s) for s in follow):

@@ -24,10 +24,10 @@ PENALIZED = [
 ]
 
 
-def _llm(checkpoints, async_scheduling: bool) -> LLM:
+def _llm(checkpoints, async_scheduling: bool, **engine_args) -> LLM:
     return LLM(
         model=str(checkpoints("llama")), dtype="float32", quantization="bitsandbytes",
-        async_scheduling=async_scheduling,
+        async_scheduling=async_scheduling, **engine_args,
     )  # fmt: skip
 
 
@@ -50,12 +50,14 @@ def _summary(outputs) -> list:
 
 
 def _count_followups(engine) -> list[int]:
-    """Counts the steps queued ahead (a spy on the real runner method)."""
-    calls = [0]
+    """Counts the steps queued ahead, and those queued while requests waited (a spy on the real
+    runner method)."""
+    calls = [0, 0]
     launch_followup = engine.runner.launch_followup
 
     def counted(*args, **kwargs):
         calls[0] += 1
+        calls[1] += bool(engine.scheduler.waiting)
         return launch_followup(*args, **kwargs)
 
     engine.runner.launch_followup = counted
@@ -109,3 +111,27 @@ def test_new_request_is_admitted_at_the_next_step(checkpoints):
     engine.step()
     b = engine.requests["b"].seqs[0]
     assert b.num_computed_tokens > 0
+
+
+def test_aborting_the_last_request_drops_the_queued_step(checkpoints):
+    engine = _llm(checkpoints, True).llm_engine
+    engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=24))
+    while engine._launched is None:
+        engine.step()
+    engine.abort_request("a")
+    assert engine._launched is None and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_context_limit_and_a_full_batch(checkpoints):
+    """Sequences that run into max_model_len, and requests waiting for a batch slot while the
+    full batch runs ahead (they cannot be admitted earlier anyway)."""
+    params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
+    args = dict(max_model_len=56, max_num_seqs=2)
+    expected = _llm(checkpoints, False, **args).generate(PROMPTS[:3], params, use_tqdm=False)
+    llm = _llm(checkpoints, True, **args)
+    followups = _count_followups(llm.llm_engine)
+    outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert _summary(outputs) == _summary(expected)
+    assert all(o.outputs[0].finish_reason == "length" for o in outputs)
+    assert followups[1] > 0  # queued ahead while the third request waited for a slot
