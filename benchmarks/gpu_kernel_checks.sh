@@ -7,8 +7,12 @@ OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 timeout 200 python3 -m pytest tests/kernels -q --tb=short -p no:cacheprovider > "$OUT/pytest_kernels_gpu.log" 2>&1
+kernels_ok=$?
 tail -3 "$OUT/pytest_kernels_gpu.log"
-if [ "${TUNE:-0}" = 1 ]; then
+# A kernel that faults would poison the tuner's CUDA context for every later candidate.
+if [ "${TUNE:-0}" = 1 ] && [ "$kernels_ok" != 0 ]; then
+  echo "kernel tests failed: not tuning"
+elif [ "${TUNE:-0}" = 1 ]; then
   python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs 2>&1 | tail -20 | tee "$OUT/tune_matmul_4bit.log"
   cp engine/kernels/configs/*.json "$OUT/"
   python3 benchmarks/linear_4bit.py --out "$OUT/linear_4bit_h200.json" 2>&1 | tail -8 | tee "$OUT/linear_4bit.log"
