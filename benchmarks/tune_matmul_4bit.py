@@ -63,8 +63,11 @@ def candidates(m: int) -> list[KernelConfig]:
         # Hopper: warpgroup MMAs on decoded weights in registers, x resident in shared memory
         # (splits that do not fit it are dropped by `fits`).
         bm = max(8, triton.next_power_of_2(m))
-        for warps, row_tiles, split in itertools.product((4, 8), (1, 2, 4), (1, 2, 4, 8, 16)):
-            out.append(KernelConfig("wgmma_rs", bm, 16 * warps * row_tiles, 0, split, warps))
+        for warps, row_tiles, split, stages in itertools.product(
+            (4, 8), (1, 2, 4), (2, 4, 8, 16), (2, 3)
+        ):
+            rows = 16 * warps * row_tiles
+            out.append(KernelConfig("wgmma_rs", bm, rows, 0, split, warps, stages))
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)

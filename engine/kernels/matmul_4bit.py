@@ -151,6 +151,7 @@ class KernelConfig:
     # gemm, wgmma: K steps of copies in flight. gemv: K steps per loop iteration (2 or 4), all
     # their weight bytes requested as it starts. mma (two steps per iteration): 2 = as the
     # iteration starts; 4 = the next iteration's requested before this one's are decoded.
+    # wgmma_rs: 2 = the next step's bytes requested before a step is decoded, 3 = two steps'.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
@@ -422,5 +423,6 @@ def _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksi
         x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROW_TILES=row_tiles, SPLIT_K=config.split_k,
-        STEPS=_rs_steps(config, k), num_warps=config.num_warps,
+        STEPS=_rs_steps(config, k), AHEAD=2 if config.num_stages > 2 else 1,
+        num_warps=config.num_warps,
     )  # fmt: skip

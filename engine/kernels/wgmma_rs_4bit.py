@@ -65,10 +65,13 @@ def wgmma_rs_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr,
-    ROW_TILES: gl.constexpr, SPLIT_K: gl.constexpr, STEPS: gl.constexpr,
+    ROW_TILES: gl.constexpr, SPLIT_K: gl.constexpr, STEPS: gl.constexpr, AHEAD: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M <= BLOCK_M, K] @ W^T. STEPS: the
-    128-value steps of K each split holds (cdiv(cdiv(K, 128), SPLIT_K))."""
+    128-value steps of K each split holds (cdiv(cdiv(K, 128), SPLIT_K)). AHEAD (1 or 2): steps
+    whose weight bytes are requested before a step is decoded (a program is one or two
+    warpgroups, and x's shared memory limits how many fit on an SM, so few threads must keep
+    enough bytes in flight)."""
     W: gl.constexpr = gl.num_warps()
     rows_per_tile: gl.constexpr = 16 * W
     dtype: gl.constexpr = x_ptr.dtype.element_ty
@@ -140,18 +143,24 @@ def wgmma_rs_4bit_kernel(
         s_ptrs = absmax_ptr + rows * stride_a + (32 * c) // BLOCKSIZE
         k = first_step * STEP_VALUES
         packed, scale = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
+        if AHEAD == 2:
+            k += STEP_VALUES
+            packed1, scale1 = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
         acc = gl.zeros([rows_per_tile, BLOCK_M], gl.float32, layout=acc_layout)
         a_prev = gl.zeros([rows_per_tile, 128], dtype, layout=a_layout)
         for s in range(n_steps):
             k += STEP_VALUES
-            # The next step's bytes are requested before this one's are decoded.
+            # Later steps' bytes are requested before this one's are decoded.
             next_packed, next_scale = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
             a = _a_operand(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, a_layout)
             acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
             # The previous MMA is done (its operand registers may be reused); this one runs on
             # while the next step decodes.
             acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a])
-            packed, scale = next_packed, next_scale
+            if AHEAD == 2:
+                packed, scale, packed1, scale1 = packed1, scale1, next_packed, next_scale
+            else:
+                packed, scale = next_packed, next_scale
         acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
 
         o_n = n0 + o_local
