@@ -33,10 +33,10 @@ _UNPACK = gl.constexpr("mov.b32 {$0, $1}, $2;")  # a pair register as its two 16
 
 
 @gluon.jit
-def _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE: gl.constexpr):
+def _load_words(w_ptrs, s_ptrs, k, k_end, chunk_end, BLOCKSIZE: gl.constexpr):
     """A step's weight words [w, h, g, c, word] and absmax [w, h, g, c]: zeros for the 16-byte
-    chunks past K, which request nothing."""
-    ok = k + chunk_end <= K
+    chunks past k_end, which request nothing."""
+    ok = k + chunk_end <= k_end
     packed = gl.load(w_ptrs + k // 8, mask=gl.expand_dims(ok, 4), other=0)
     scale = gl.load(s_ptrs + k // BLOCKSIZE, mask=ok, other=0.0)
     return packed, scale
@@ -132,6 +132,8 @@ def wgmma_rs_4bit_kernel(
     )
     chunk_end = 32 * c + 32  # [1, 1, 1, 4]: the end of a lane's chunk, in values
     n_steps = gl.minimum(STEPS, (K + STEP_VALUES - 1) // STEP_VALUES - first_step)
+    # The steps requested ahead stop at this split's end (the next split's bytes are not ours).
+    k_end = gl.minimum(K, (first_step + STEPS) * STEP_VALUES)
 
     o_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
     o_local = gl.arange(0, rows_per_tile, layout=gl.SliceLayout(1, acc_layout))
@@ -142,21 +144,23 @@ def wgmma_rs_4bit_kernel(
         w_ptrs = chunk_ptrs.to(gl.pointer_type(gl.int32), bitcast=True) + word
         s_ptrs = absmax_ptr + rows * stride_a + (32 * c) // BLOCKSIZE
         k = first_step * STEP_VALUES
-        packed, scale = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
+        packed, scale = _load_words(w_ptrs, s_ptrs, k, k_end, chunk_end, BLOCKSIZE)
         if AHEAD == 2:
             k += STEP_VALUES
-            packed1, scale1 = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
+            packed1, scale1 = _load_words(w_ptrs, s_ptrs, k, k_end, chunk_end, BLOCKSIZE)
         acc = gl.zeros([rows_per_tile, BLOCK_M], gl.float32, layout=acc_layout)
         a_prev = gl.zeros([rows_per_tile, 128], dtype, layout=a_layout)
         for s in range(n_steps):
             k += STEP_VALUES
             # Later steps' bytes are requested before this one's are decoded.
-            next_packed, next_scale = _load_words(w_ptrs, s_ptrs, k, K, chunk_end, BLOCKSIZE)
+            next_packed, next_scale = _load_words(w_ptrs, s_ptrs, k, k_end, chunk_end, BLOCKSIZE)
             a = _a_operand(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, a_layout)
             acc = warpgroup_mma(a, x_smem.index(s).permute((1, 0)), acc, is_async=True)
-            # The previous MMA is done (its operand registers may be reused); this one runs on
-            # while the next step decodes.
-            acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a])
+            # The previous MMA is done, so its operand's registers may be reused: the wait keeps
+            # them alive until here. This one's stay alive (a_prev) until the next wait; the
+            # MMA runs on while the next step decodes.
+            acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
+            a_prev = a
             if AHEAD == 2:
                 packed, scale, packed1, scale1 = packed1, scale1, next_packed, next_scale
             else:

@@ -128,6 +128,7 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True),  # copies 2 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
             KernelConfig("wgmma_rs", 16, 64, 0, 4, 4),  # weights from registers
+            KernelConfig("wgmma_rs", 8, 512, 0, 2, 4),  # MMA N 8; 8 row tiles a program
             KernelConfig("wgmma_rs", 64, 256, 0, 8, 4, 3),  # 4 row tiles, 2 steps ahead
             KernelConfig("wgmma_rs", 32, 256, 0, 4, 8),  # two warpgroups
         ]
