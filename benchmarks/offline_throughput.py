@@ -93,6 +93,9 @@ def main() -> None:
         help="also write a pre-quantized copy (python -m engine.quantize) and time its load",
     )  # fmt: skip
     parser.add_argument("--kv-cache-gib", type=float, default=None)
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", help="ours only (EngineConfig.kv_cache_dtype)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -104,7 +107,10 @@ def main() -> None:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        llm = LLM(model=str(model_dir), quantization="bitsandbytes", dtype=dtype, **kv)
+        llm = LLM(
+            model=str(model_dir), quantization="bitsandbytes", dtype=dtype,
+            kv_cache_dtype=args.kv_cache_dtype, **kv,
+        )  # fmt: skip
         report = llm.llm_engine.runner.load_report
         graphs = llm.llm_engine.runner.graphs
         load = {
@@ -152,7 +158,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del llm
         if args.compare_bf16:
-            bf16 = LLM(model=str(model_dir), dtype=dtype, **kv)
+            bf16 = LLM(model=str(model_dir), dtype=dtype, kv_cache_dtype=args.kv_cache_dtype, **kv)
             for row in rows:
                 batch_prompts = prompts(
                     row["batch_size"], args.prompt_len, vocab, seed=row["batch_size"]

@@ -94,6 +94,13 @@ class EngineConfig(BaseModel):
         description="Run every step eagerly; otherwise decode steps replay CUDA graphs "
         "(on CUDA with the Triton kernels, single GPU).",
     )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto",
+        description="auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2: one byte per "
+        "cached key and value, unscaled (vLLM's default scale of 1.0): twice the cached "
+        "tokens of a 16-bit cache and half the bytes a decode step reads from it, at a small "
+        "cost in accuracy.",
+    )
     async_scheduling: bool = Field(
         True,
         description="Single GPU: while a decode step runs, queue the next one behind it (fed the "

@@ -15,6 +15,15 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+FP8_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+              "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
+
+
+def kv_cache_dtype(choice: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for EngineConfig.kv_cache_dtype."""
+    return model_dtype if choice == "auto" else FP8_DTYPES[choice]
+
+
 def attention_layers(model: nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 

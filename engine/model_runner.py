@@ -18,7 +18,12 @@ from engine.cuda_graphs import DecodeGraphRunner, capture_sizes
 from engine.distributed import get_tp_group
 from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
 from engine.kernels import enable_kernels, kernels_available
-from engine.kv_cache import allocate_kv_cache, determine_num_blocks, free_kv_cache
+from engine.kv_cache import (
+    allocate_kv_cache,
+    determine_num_blocks,
+    free_kv_cache,
+    kv_cache_dtype,
+)
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
 from engine.sampler import SampledToken, Sampler, SamplerOutput, top_logprobs
@@ -91,11 +96,18 @@ class ModelRunner:
         enable_kernels(self.model, self.use_kernels)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the cache exists
+        self.cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
+        if self.cache_dtype.itemsize == 1 and self.use_kernels:
+            if torch.cuda.get_device_capability(device) < (8, 9):
+                raise ValueError(
+                    "kv_cache_dtype='fp8' with the Triton kernels needs a GPU of compute "
+                    "capability 8.9 or newer; use kernels='native' on this one"
+                )
         num_blocks = determine_num_blocks(
-            config, self.model, dtype, device, max_model_len, self._profile_run
+            config, self.model, self.cache_dtype, device, max_model_len, self._profile_run
         )
         self.num_blocks = self._agree_across_ranks(num_blocks)
-        allocate_kv_cache(self.model, self.num_blocks, self.block_size, dtype, device)
+        allocate_kv_cache(self.model, self.num_blocks, self.block_size, self.cache_dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
         if self.use_kernels and not config.enforce_eager and get_tp_group().size == 1:
             self.graphs = DecodeGraphRunner(
@@ -302,7 +314,9 @@ class ModelRunner:
             lengths.append(num_tokens % seq_len)
         max_q = max(lengths)
         blocks_per_seq = -(-max_q // self.block_size)
-        allocate_kv_cache(self.model, blocks_per_seq, self.block_size, self.dtype, self.device)
+        allocate_kv_cache(
+            self.model, blocks_per_seq, self.block_size, self.cache_dtype, self.device
+        )
         plan = StepPlan(
             input_ids=[0] * num_tokens,
             positions=[p for n in lengths for p in range(n)],

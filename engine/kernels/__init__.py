@@ -13,7 +13,7 @@ import torch
 
 def kernels_available(device: torch.device | None = None) -> bool:
     """True where the Triton kernels can run: a CUDA device and Triton installed (or Triton's
-    CPU interpreter, TRITON_INTERPRET=1, which the attention and elementwise kernel tests use to
+    CPU interpreter, TRITON_INTERPRET=1, which the elementwise kernel tests use to
     check the logic; the 4-bit matmul kernels are PTX and Gluon, CUDA only)."""
     if importlib.util.find_spec("triton") is None:
         return False

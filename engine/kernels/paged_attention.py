@@ -50,6 +50,7 @@ def _paged_decode(
             + kv_head * stride_c_head
         )
         k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        k = k.to(q.dtype)  # an fp8 cache widens here (a no-op otherwise)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -57,6 +58,7 @@ def _paged_decode(
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty (padding) row gives zeros
@@ -107,8 +109,9 @@ def _store_kv(
     ok = (offs < KV_WIDTH) & (slot >= 0)  # slot -1: a CUDA-graph padding row, not stored
     k = tl.load(k_ptr + token * stride_k_tok + offs, mask=ok)
     v = tl.load(v_ptr + token * stride_v_tok + offs, mask=ok)
-    tl.store(k_cache_ptr + slot * stride_c_slot + offs, k, mask=ok)
-    tl.store(v_cache_ptr + slot * stride_c_slot + offs, v, mask=ok)
+    cache_dtype = k_cache_ptr.dtype.element_ty  # the model's dtype, or fp8 (rounded here)
+    tl.store(k_cache_ptr + slot * stride_c_slot + offs, k.to(cache_dtype), mask=ok)
+    tl.store(v_cache_ptr + slot * stride_c_slot + offs, v.to(cache_dtype), mask=ok)
 
 
 def store_kv_cache(

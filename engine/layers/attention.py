@@ -53,8 +53,9 @@ class Attention(nn.Module):
         else:
             flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
-            flat_keys[metadata.slot_mapping] = k.reshape(-1, self.num_kv_heads, self.head_dim)
-            flat_values[metadata.slot_mapping] = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            flat_keys[metadata.slot_mapping] = k.reshape(shape).to(flat_keys.dtype)
+            flat_values[metadata.slot_mapping] = v.reshape(shape).to(flat_values.dtype)
 
         q = q.view(-1, self.num_heads, self.head_dim)
         outputs = []
@@ -86,8 +87,9 @@ class Attention(nn.Module):
         padded = padded.view(num_seqs, max_q, self.num_heads, self.head_dim).transpose(1, 2)
 
         # Gather each sequence's blocks: [num_seqs, kv_heads, max_blocks * block_size, head_dim].
-        keys = key_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
-        values = value_cache[b.block_tables].flatten(1, 2).transpose(1, 2)
+        # (An fp8 cache is widened to q's dtype: kv_cache_dtype.)
+        keys = key_cache[b.block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
+        values = value_cache[b.block_tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
 
         key_pos = torch.arange(keys.shape[2], device=q.device)
         query_pos = b.query_positions.unsqueeze(-1)  # [num_seqs, max_q, 1]

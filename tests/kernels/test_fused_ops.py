@@ -1,7 +1,8 @@
 """The Triton attention, cache-write and fused elementwise kernels against the engine's portable
 PyTorch layers (themselves checked against transformers by the oracle tests).
 
-Skipped where no GPU is present (CI). TRITON_INTERPRET=1 runs them on CPU (slowly) in float32."""
+Skipped where no GPU is present (CI). TRITON_INTERPRET=1 runs the elementwise ones on CPU in
+float32 (this Triton's interpreter cannot run the paged-attention kernel's loop)."""
 
 from __future__ import annotations
 
@@ -67,9 +68,14 @@ def test_rotary_in_place(dtype, heads, kv_heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,window", [(32, 32, None), (32, 8, None), (8, 2, 20)])
-def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window):
-    """Decode queries over shuffled cache blocks: the kernel equals the portable attention."""
+@pytest.mark.parametrize(
+    "heads,kv_heads,window,cache_dtype",
+    [(32, 32, None, None), (32, 8, None, None), (8, 2, 20, None),
+     (32, 8, None, torch.float8_e4m3fn), (8, 2, 20, torch.float8_e5m2)],
+)  # fmt: skip
+def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dtype):
+    """Decode queries over shuffled cache blocks: the kernel equals the portable attention, also
+    over an fp8 cache (kv_cache_dtype), which both round and widen the same way."""
     from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
     from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
     from engine.layers.attention import Attention
@@ -79,6 +85,7 @@ def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window):
     context_lens = [1, 17, 64, 130, 33]
     attn = Attention(heads, head_dim, kv_heads, head_dim**-0.5, window)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    cache = cache.to(cache_dtype or dtype)
     blocks = torch.randperm(num_blocks).tolist()
     tables, slots = [], []
     for n in context_lens:
