@@ -13,7 +13,7 @@ tail -3 "$OUT/pytest_kernels_gpu.log"
 if [ "${TUNE:-0}" = 1 ] && [ "$kernels_ok" != 0 ]; then
   echo "kernel tests failed: not tuning"
 elif [ "${TUNE:-0}" = 1 ]; then
-  python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs 2>&1 | tail -20 | tee "$OUT/tune_matmul_4bit.log"
+  python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs 2>&1 | grep -v OutOfResources | tail -30 | tee "$OUT/tune_matmul_4bit.log"
   cp engine/kernels/configs/*.json "$OUT/"
   python3 benchmarks/linear_4bit.py --out "$OUT/linear_4bit_h200.json" 2>&1 | tail -8 | tee "$OUT/linear_4bit.log"
 fi

@@ -217,6 +217,12 @@ def main() -> None:
             f"m={m}: bucket config {overall}; best us per layer {ours} (bitsandbytes {theirs})",
             flush=True,
         )
+        # How each kernel kind fared: its best whole-layer time (us) in this bucket.
+        by_kind: dict[str, float] = {}
+        for cfg, total in totals.items():
+            by_kind[cfg.kernel] = min(by_kind.get(cfg.kernel, float("inf")), total * 1e3)
+        by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
+        print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / (gpu.replace(" ", "_") + ".json")

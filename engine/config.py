@@ -103,7 +103,8 @@ class EngineConfig(BaseModel):
     )
     async_scheduling: bool = Field(
         True,
-        description="Single GPU: while a decode step runs, queue the next one behind it (fed the "
+        description="One rank (a GPU or the CPU): while a decode step runs, queue the next one "
+        "behind it (fed the "
         "tokens it samples, on the device) and process the first one's tokens on the host "
         "meanwhile, so the GPU does not wait for the host between steps.",
     )
