@@ -186,6 +186,21 @@ def engine() -> Dashboard:
         )  # fmt: skip
         .with_panel(
             panel(
+                "Decode steps launched ahead (share of steps)",
+                "percentunit",
+                [
+                    (
+                        f"sum by (model_name) (rate({n('nibble_num_steps_launched_ahead')}[{RATE}]))"
+                        f" / sum by (model_name) "
+                        f"(rate({n('nibble_step_time_seconds', '_count')}"
+                        f'{{tp_rank="0"}}[{RATE}]))',
+                        "{{model_name}}",
+                    )
+                ],
+            )
+        )  # fmt: skip
+        .with_panel(
+            panel(
                 "Prefill and decode time (p95)",
                 "s",
                 [

@@ -55,6 +55,7 @@ SPECS = [
     # Engine.
     MetricSpec("nibble_kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (0-1).", R),
     MetricSpec("nibble_num_preemptions", "counter", "Sequences preempted (to be recomputed) for lack of KV blocks.", M),
+    MetricSpec("nibble_num_steps_launched_ahead", "counter", "Decode steps queued on the device before the previous step's tokens were read back (async scheduling).", M),
     MetricSpec("nibble_batch_size", "histogram", "Sequences per engine step.", M, C),
     MetricSpec("nibble_step_tokens", "histogram", "Tokens (prefill + decode) per engine step.", M, C),
     MetricSpec("nibble_step_time_seconds", "histogram", "Forward pass (+ sampling on rank 0) time per step, per rank.", T, L),

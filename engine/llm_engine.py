@@ -210,6 +210,8 @@ class LLMEngine:
         followup = self.runner.launch_followup(launched, follow, self.generator)
         for seq in follow:
             seq.num_computed_tokens += 1
+        if self.collect_stats:
+            self._stats.num_launched_ahead += 1
         return followup
 
     def _ends_with_next_token(self, seq: Sequence) -> bool:

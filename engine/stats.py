@@ -40,6 +40,7 @@ class StepStats:
     num_seqs: int = 0
     num_tokens: int = 0
     num_preempted: int = 0
+    num_launched_ahead: int = 0  # decode steps queued before the previous one was read back
     num_generated_tokens: int = 0
     num_prompt_tokens: int = 0  # of requests whose first token came this step
     num_running: int = 0

@@ -59,6 +59,8 @@ class EngineMetrics:
         self._set("nibble_kv_cache_usage_perc", stats.kv_cache_usage, self.replica)
         if stats.num_preempted:
             metric("nibble_num_preemptions").inc(stats.num_preempted, m)
+        if stats.num_launched_ahead:
+            metric("nibble_num_steps_launched_ahead").inc(stats.num_launched_ahead, m)
         if stats.num_generated_tokens:
             metric("nibble_generation_tokens").inc(stats.num_generated_tokens, m)
         if stats.num_prompt_tokens:
