@@ -162,8 +162,8 @@ class LLMEngine:
             num_preempted = schedule.num_preempted
         else:
             num_preempted = 0
-        # `launched` is on the GPU: queue the step after it first, then read it back and work
-        # on its tokens while the GPU runs that one.
+        # `launched` is queued on the device: queue the step after it first, then read it back
+        # and work on its tokens while the device runs that one.
         self._launched = self._launch_followup(launched)
         outputs = self._postprocess(self.runner.read_back(launched))
         self._drop_launched_if_done()
@@ -179,7 +179,7 @@ class LLMEngine:
             self._launched = None
 
     def _can_launch(self, schedule: SchedulerOutput) -> bool:
-        """Whether a step may run launched ahead: async scheduling on, one GPU (other ranks
+        """Whether a step may run launched ahead: async scheduling on, one rank (other ranks
         follow plans, not device tokens), and a decode step where every sequence samples."""
         return (
             self.config.async_scheduling
