@@ -191,8 +191,8 @@ class LLMEngine:
         """Queue the decode step after `launched` for its sequences, before knowing which of
         them its tokens end (their extra token is then dropped); None where the scheduler must
         decide the next step: requests are waiting that could be admitted, running sequences
-        are not in this step, a sequence surely ends with this token, or a penalty needs the
-        token on the host."""
+        are not in this step, or every sequence surely ends with this token. (Penalties and
+        min_tokens count the token in flight on the device: Sampler.sample's in_flight.)"""
         scheduler = self.scheduler
         if scheduler.waiting and len(scheduler.running) < self.config.max_num_seqs:
             return None
@@ -200,7 +200,7 @@ class LLMEngine:
         if not set(scheduler.running) <= set(seqs):  # finished ones have left `running`
             return None
         follow = [s for s in seqs if not s.is_finished and not self._ends_with_next_token(s)]
-        if not follow or any(_needs_sampled_tokens(s) for s in follow):
+        if not follow:
             return None
         manager = self.block_manager
         if sum(manager.num_new_blocks(s, 1) for s in follow) > manager.num_free_blocks:
@@ -303,15 +303,3 @@ class LLMEngine:
             prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
             outputs=outputs, finished=request.finished,
         )  # fmt: skip
-
-
-def _needs_sampled_tokens(seq: Sequence) -> bool:
-    """Whether sampling seq's next token reads its output tokens on the host (penalties; the
-    min_tokens count, which would miss the token in flight), so the step cannot be launched
-    before they are read back."""
-    p = seq.params
-    return (
-        p.repetition_penalty != 1.0
-        or bool(p.frequency_penalty or p.presence_penalty)
-        or seq.num_output_tokens < p.min_tokens
-    )

@@ -288,7 +288,8 @@ class ModelRunner:
             rows = {id(s): i for i, s in enumerate(previous.sampled.seqs)}
             token_ids = token_ids[self._tensor([rows[id(s)] for s in seqs])]
         sample_logits, _ = self.run(plan, token_ids)
-        return LaunchedStep(self.sampler.sample(sample_logits, seqs, generator))
+        # Those tokens are not in the sequences' token_ids yet: penalties count them from here.
+        return LaunchedStep(self.sampler.sample(sample_logits, seqs, generator, token_ids))
 
     @staticmethod
     def read_back(step: LaunchedStep) -> ModelRunnerOutput:

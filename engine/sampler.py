@@ -71,13 +71,17 @@ class Sampler:
         return self.sample(logits, seqs, generator).tokens()
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        generator: torch.Generator,
+        in_flight: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Choose each row's token without waiting for the GPU (decisions that depend on the
         parameters are made from them, on the host)."""
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_penalties(logits, seqs, in_flight)
         device = logits.device
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
         if len(greedy) == len(seqs):  # the common decode case: one argmax, no indexing
@@ -110,28 +114,42 @@ class Sampler:
         output.start_copy_to_host()
         return output
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties(
+        self, logits: torch.Tensor, seqs: list[Sequence], in_flight: torch.Tensor | None
+    ) -> torch.Tensor:
         """The logits with penalties and min_tokens applied: a copy, or the same tensor where
-        no sequence needs either (no copy on the common path)."""
-        if not any(needs_logit_processing(s) for s in seqs):
+        no sequence needs either (no copy on the common path). `in_flight` ([rows], on the
+        device): each sequence's newest token where it is not in seq.token_ids yet (a step
+        launched ahead of the read-back); it counts as an output token."""
+        extra = 0 if in_flight is None else 1
+        if not any(needs_logit_processing(s, extra) for s in seqs):
             return logits
         logits = logits.clone()
+        device, vocab = logits.device, logits.shape[1]
         for i, seq in enumerate(seqs):
             p = seq.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-                values = logits[i, seen]
-                logits[i, seen] = torch.where(
-                    values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+                seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+                seen[to_device(sorted(set(seq.token_ids)), torch.long, device)] = True
+                if in_flight is not None:
+                    seen[in_flight[i]] = True
+                row = logits[i]
+                penalized = torch.where(
+                    row > 0, row / p.repetition_penalty, row * p.repetition_penalty
                 )
-            if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
-                out = torch.tensor(seq.output_token_ids, device=logits.device)
-                counts = torch.bincount(out, minlength=logits.shape[1])[: logits.shape[1]]
+                logits[i] = torch.where(seen, penalized, row)
+            if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens + extra:
+                counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
+                if seq.num_output_tokens:
+                    out = to_device(seq.output_token_ids, torch.long, device)
+                    counts += torch.bincount(out, minlength=vocab)[:vocab]
+                if in_flight is not None:
+                    counts[in_flight[i]] += 1
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-            if seq.num_output_tokens < p.min_tokens:
+            if seq.num_output_tokens + extra < p.min_tokens:
                 banned = set(p.stop_token_ids) | (set() if p.ignore_eos else seq.eos_token_ids)
-                banned = [t for t in banned if t < logits.shape[1]]
-                logits[i, banned] = float("-inf")
+                banned = [t for t in banned if t < vocab]
+                logits[i, to_device(banned, torch.long, device)] = float("-inf")
         return logits
 
     def _processed_probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -158,12 +176,15 @@ class Sampler:
         return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def needs_logit_processing(seq: Sequence) -> bool:
+def needs_logit_processing(seq: Sequence, in_flight: int = 0) -> bool:
+    """Whether seq's next token needs penalties or min_tokens (`in_flight`: output tokens not
+    yet in seq.token_ids)."""
     p = seq.params
+    num_outputs = seq.num_output_tokens + in_flight
     return (
         p.repetition_penalty != 1.0
-        or bool((p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens)
-        or seq.num_output_tokens < p.min_tokens
+        or bool((p.frequency_penalty or p.presence_penalty) and num_outputs)
+        or num_outputs < p.min_tokens
     )
 
 
