@@ -13,9 +13,10 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, check_stop
 from engine.model_files import load_tokenizer
-from engine.model_runner import LaunchedStep, ModelRunnerOutput, StepPlan
+from engine.model_runner import ModelRunnerOutput, StepPlan
 from engine.model_spec import ModelSpec
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampler import SamplerOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence
@@ -64,7 +65,7 @@ class LLMEngine:
         self._stats = StepStats()
         # A decode step queued on the GPU ahead of the host (async_scheduling): the next call
         # reads it back.
-        self._launched: LaunchedStep | None = None
+        self._launched: SamplerOutput | None = None
 
     # Requests.
 
@@ -167,14 +168,14 @@ class LLMEngine:
         self._launched = self._launch_followup(launched)
         outputs = self._postprocess(self.runner.read_back(launched))
         self._drop_launched_if_done()
-        num_seqs = len(launched.sampled.seqs)
+        num_seqs = len(launched.seqs)
         self._record_step(start, num_seqs, num_seqs, num_preempted)
         return outputs
 
     def _drop_launched_if_done(self) -> None:
         """A queued step whose sequences have all ended (finished, aborted) is waited for and
         dropped now: no later step() may come to read it back."""
-        if self._launched is not None and all(s.is_finished for s in self._launched.sampled.seqs):
+        if self._launched is not None and all(s.is_finished for s in self._launched.seqs):
             self.runner.read_back(self._launched)
             self._launched = None
 
@@ -187,7 +188,7 @@ class LLMEngine:
             and all(s.num_new_tokens == 1 and s.samples for s in schedule.scheduled)
         )
 
-    def _launch_followup(self, launched: LaunchedStep) -> LaunchedStep | None:
+    def _launch_followup(self, launched: SamplerOutput) -> SamplerOutput | None:
         """Queue the decode step after `launched` for its sequences, before knowing which of
         them its tokens end (their extra token is then dropped); None where the scheduler must
         decide the next step: requests are waiting that could be admitted, running sequences
@@ -196,7 +197,7 @@ class LLMEngine:
         scheduler = self.scheduler
         if scheduler.waiting and len(scheduler.running) < self.config.max_num_seqs:
             return None
-        seqs = launched.sampled.seqs
+        seqs = launched.seqs
         if not set(scheduler.running) <= set(seqs):  # finished ones have left `running`
             return None
         follow = [s for s in seqs if not s.is_finished and not self._ends_with_next_token(s)]

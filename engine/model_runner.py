@@ -26,7 +26,7 @@ from engine.kv_cache import (
 )
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
-from engine.sampler import SampledToken, Sampler, SamplerOutput, top_logprobs
+from engine.sampler import SampledToken, Sampler, SamplerOutput, logprob_entry, logprob_tensors
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.transfer import to_device
@@ -56,14 +56,6 @@ class StepPlan:
     batches: list[BatchPlan] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits are sampled
     prompt_rows: list[int] = field(default_factory=list)  # rows for prompt logprobs
-
-
-@dataclass(slots=True)
-class LaunchedStep:
-    """A decode step queued on the GPU whose tokens have not been read back: the next step can
-    be launched behind it, fed its tokens on the device (`ModelRunner.launch_followup`)."""
-
-    sampled: SamplerOutput  # .seqs: the step's sequences, in row order
 
 
 @dataclass(slots=True)
@@ -256,16 +248,17 @@ class ModelRunner:
     # GPU runs step N + 1.
 
     @torch.inference_mode()
-    def launch(self, output: SchedulerOutput, generator: torch.Generator) -> LaunchedStep:
-        """Queue a decode-only step (every sequence samples) without waiting for it."""
+    def launch(self, output: SchedulerOutput, generator: torch.Generator) -> SamplerOutput:
+        """Queue a decode-only step (every sequence samples) without waiting for it: its
+        choices, not yet read back (`read_back`); the next step can be launched behind it."""
         plan, sample_seqs, _ = self.plan(output)
         sample_logits, _ = self.run(plan)
-        return LaunchedStep(self.sampler.sample(sample_logits, sample_seqs, generator))
+        return self.sampler.sample(sample_logits, sample_seqs, generator)
 
     @torch.inference_mode()
     def launch_followup(
-        self, previous: LaunchedStep, seqs: list[Sequence], generator: torch.Generator
-    ) -> LaunchedStep:
+        self, previous: SamplerOutput, seqs: list[Sequence], generator: torch.Generator
+    ) -> SamplerOutput:
         """Queue the decode step after `previous` for `seqs` (some or all of its sequences, in
         its order), their input tokens the ones `previous` sampled, still on the device. Each
         sequence's next slot must be allocated (BlockManager.allocate(seq, 1))."""
@@ -283,25 +276,29 @@ class ModelRunner:
             batch.block_tables.append(table + [0] * (max_blocks - len(table)))
             batch.context_lens.append(pos + 1)
         plan.batches.append(batch)
-        token_ids = previous.sampled.token_ids
-        if len(seqs) != len(previous.sampled.seqs):
-            rows = {id(s): i for i, s in enumerate(previous.sampled.seqs)}
+        token_ids = previous.token_ids
+        if len(seqs) != len(previous.seqs):
+            rows = {id(s): i for i, s in enumerate(previous.seqs)}
             token_ids = token_ids[self._tensor([rows[id(s)] for s in seqs])]
         sample_logits, _ = self.run(plan, token_ids)
         # Those tokens are not in the sequences' token_ids yet: penalties count them from here.
-        return LaunchedStep(self.sampler.sample(sample_logits, seqs, generator, token_ids))
+        return self.sampler.sample(sample_logits, seqs, generator, token_ids)
 
     @staticmethod
-    def read_back(step: LaunchedStep) -> ModelRunnerOutput:
+    def read_back(step: SamplerOutput) -> ModelRunnerOutput:
         """Wait for a launched step and return its tokens."""
-        seqs = step.sampled.seqs
-        return ModelRunnerOutput(sampled=list(zip(seqs, step.sampled.tokens(), strict=True)))
+        return ModelRunnerOutput(sampled=list(zip(step.seqs, step.tokens(), strict=True)))
 
     def _prompt_logprobs(self, logits: torch.Tensor, targets: list[tuple[Sequence, int]]):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        k = max(seq.params.prompt_logprobs for seq, _ in targets)
+        tensors = logprob_tensors(logprobs, self._tensor([t for _, t in targets]), k)
+        chosen, ranks, values, ids = (t.tolist() for t in tensors)
         by_seq: dict[int, tuple[Sequence, list]] = {}
         for i, (seq, target) in enumerate(targets):
-            entry = top_logprobs(logprobs[i], target, seq.params.prompt_logprobs)
+            entry = logprob_entry(
+                target, chosen[i], ranks[i], values[i], ids[i], seq.params.prompt_logprobs
+            )
             by_seq.setdefault(id(seq), (seq, []))[1].append(entry)
         return list(by_seq.values())
 

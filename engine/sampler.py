@@ -53,11 +53,8 @@ class SamplerOutput:
         if self.logprob_rows:
             ranks, values, ids = top
             for j, i in enumerate(self.logprob_rows):
-                entry = {token_list[i]: (chosen[i], ranks[j])}
                 k = self.seqs[i].params.logprobs
-                for r, (v, t) in enumerate(zip(values[j][:k], ids[j][:k], strict=True), start=1):
-                    entry.setdefault(t, (v, r))
-                tops[i] = entry
+                tops[i] = logprob_entry(token_list[i], chosen[i], ranks[j], values[j], ids[j], k)
         return [SampledToken(tok, chosen[i], tops.get(i)) for i, tok in enumerate(token_list)]
 
 
@@ -105,10 +102,8 @@ class Sampler:
         logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if logprob_rows:
             rows = to_device(logprob_rows, torch.long, device)
-            wanted = raw_logprobs[rows]
-            ranks = (wanted > chosen[rows].unsqueeze(1)).sum(dim=1) + 1
             k = max(seqs[i].params.logprobs for i in logprob_rows)
-            values, ids = wanted.topk(k, dim=-1)  # k may be 0: empty
+            _, ranks, values, ids = logprob_tensors(raw_logprobs[rows], token_ids[rows], k)
             results = (chosen, ranks, values, ids)
         output = SamplerOutput(token_ids, seqs, logprob_rows, results)
         output.start_copy_to_host()
@@ -188,17 +183,23 @@ def needs_logit_processing(seq: Sequence, in_flight: int = 0) -> bool:
     )
 
 
-def top_logprobs(
-    logprobs: torch.Tensor, token_id: int, k: int | None
-) -> dict[int, tuple[float, int]] | None:
-    """The top-k entries of one position's log-probabilities, plus token_id, with 1-based ranks."""
-    if k is None:
-        return None
-    chosen = logprobs[token_id]
-    rank = int((logprobs > chosen).sum()) + 1
-    result = {token_id: (float(chosen), rank)}
-    if k:
-        values, ids = logprobs.topk(k)
-        for r, (v, t) in enumerate(zip(values.tolist(), ids.tolist(), strict=True), start=1):
-            result.setdefault(t, (v, r))
-    return result
+def logprob_tensors(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of log-probabilities [rows, vocab] (on the device, no sync): that row's token's
+    log-probability and 1-based rank, and the top-k values and ids."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    values, ids = logprobs.topk(k, dim=-1)  # k may be 0: empty
+    return chosen.squeeze(1), ranks, values, ids
+
+
+def logprob_entry(
+    token_id: int, logprob: float, rank: int, values: list[float], ids: list[int], k: int
+) -> dict[int, tuple[float, int]]:
+    """One position's top-k entries, plus token_id, with 1-based ranks (host lists of one row of
+    logprob_tensors)."""
+    entry = {token_id: (logprob, rank)}
+    for r, (v, t) in enumerate(zip(values[:k], ids[:k], strict=True), start=1):
+        entry.setdefault(t, (v, r))
+    return entry
