@@ -59,15 +59,6 @@ def candidates(m: int) -> list[KernelConfig]:
         splits = (1, 2, 4, 8, 16) if m <= 16 else (1, 2, 4, 8)
         for warps, split, stages in itertools.product((1, 2, 4, 8), splits, (2, 4)):
             out.append(KernelConfig("mma", bm, 16 * warps, 0, split, warps, stages))
-    if m >= 8:
-        # Hopper: warpgroup MMAs on decoded weights in registers, x resident in shared memory
-        # (splits that do not fit it are dropped by `fits`).
-        bm = max(8, triton.next_power_of_2(m))
-        for warps, row_tiles, split, stages in itertools.product(
-            (4, 8), (1, 2, 4), (2, 4, 8, 16), (2, 3)
-        ):
-            rows = 16 * warps * row_tiles
-            out.append(KernelConfig("wgmma_rs", bm, rows, 0, split, warps, stages))
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
@@ -90,7 +81,7 @@ def candidates(m: int) -> list[KernelConfig]:
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
-    hopper = ("wgmma", "wgmma_rs", "mma")
+    hopper = ("wgmma", "mma")
     return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 

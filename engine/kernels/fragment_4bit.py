@@ -1,14 +1,13 @@
-"""What the two register-operand tensor-core kernels (`mma_4bit.py`, `wgmma_rs_4bit.py`) share:
-decoding 4-bit weights straight into the MMA's A fragment, in their own K order.
+"""Decoding 4-bit weights straight into a tensor-core MMA's A fragment, in the fragment's own K
+order (`mma_4bit.py`).
 
-A warp owns 16 weight rows; lane (g, c) = (lane / 4, lane % 4) holds rows g and g + 8 — the rows
-the A fragment (`mma.sync` m16n8k16's, and per warp a warpgroup MMA's register operand) gives
-it. Per step of 128 values it loads 16 consecutive bytes of each row (bytes 16c..16c+15, one
-128-bit load, under one absmax) as four int32 words: bytes kept across loop iterations would be
-re-packed into registers one by one. An MMA sums over K in any order, so the kernels let K run in
-the order the lanes hold it: within a step, physical k = 16j + 8h + 2c + e is value
-32c + 4j + 2h + e of the row (byte 16c + 2j + h, nibble e). x must meet it in that same order
-(`x_in_fragment_order`), so the product is exact."""
+A warp owns 16 weight rows; lane (g, c) = (lane / 4, lane % 4) holds rows g and g + 8, the rows
+the A fragment of `mma.sync` m16n8k16 gives it. Per step of 128 values it loads 16 consecutive
+bytes of each row (bytes 16c..16c+15, one 128-bit load, under one absmax) as four int32 words:
+bytes kept across loop iterations would be re-packed into registers one by one. An MMA sums
+over K in any order, so the kernel lets K run in the order the lanes hold it: within a step,
+physical k = 16j + 8h + 2c + e is value 32c + 4j + 2h + e of the row (byte 16c + 2j + h,
+nibble e). x must meet it in that same order (`x_in_fragment_order`), so the product is exact."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The portable 4-bit tensor-core matmul (Triton, any GPU): W decoded from bitsandbytes' packed
 bytes (`decode_4bit.py`), scaled and cast to x's dtype in registers, then `tl.dot`, x's even and
 odd columns meeting W's high and low nibbles as two dots. The Hopper kernels (`mma_4bit.py`,
-`wgmma_4bit.py`, `wgmma_rs_4bit.py`) beat it there; `matmul_4bit.py` chooses by measurement."""
+`wgmma_4bit.py`) beat it there; `matmul_4bit.py` chooses by measurement."""
 
 from __future__ import annotations
 

@@ -12,9 +12,6 @@ Three kernels, named by `KernelConfig.kernel`:
   once. The weight bytes are the whole cost, so it streams them with wide loads.
 - "mma" (`mma_4bit.py`, Gluon, Hopper): up to 64 rows of x on tensor cores from registers;
   each byte's codes stay one scaled 16-bit pair, fed to `mma.sync` with x as its N side.
-- "wgmma_rs" (`wgmma_rs_4bit.py`, Gluon, Hopper only): up to 256 rows of x, resident in shared
-  memory for a split of K; the decoded weights go from registers straight into warpgroup MMAs,
-  no weight tile in shared memory and no barrier in the loop.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
   MMA's 64-row side (`w_left`, small batches) or x.
@@ -59,7 +56,7 @@ class KernelConfig:
     kernel does not read keep their defaults (threads_n and warps_n: "gemv" only; w_left:
     "gemm" and "wgmma")."""
 
-    kernel: str  # "gemv", "mma", "gemm", "wgmma", "wgmma_rs" (Hopper) or "bitsandbytes"
+    kernel: str  # "gemv", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0  # gemm, wgmma: values of K per loop step
@@ -68,7 +65,6 @@ class KernelConfig:
     # gemm, wgmma: K steps of copies in flight. gemv: K steps per loop iteration (2 or 4), all
     # their weight bytes requested as it starts. mma (two steps per iteration): 2 = as the
     # iteration starts; 4 = the next iteration's requested before this one's are decoded.
-    # wgmma_rs: 2 = the next step's bytes requested before a step is decoded, 3 = two steps'.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
@@ -76,8 +72,7 @@ class KernelConfig:
     warps_n: int = 1
     # gemm: W as the dot's left operand (in registers), or the right one (via shared memory).
     # wgmma: W as the MMA's 64-row side (block_n a multiple of 16 * num_warps, block_m of 8),
-    # or x (block_m == 16 * num_warps). (wgmma_rs: always the former; block_n is the weight rows
-    # of a program, a multiple of 16 * num_warps, and block_m x's rows, all of them.)
+    # or x (block_m == 16 * num_warps).
     w_left: bool = True
 
 
@@ -155,17 +150,6 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
             and config.block_n == 16 * config.num_warps
             and _capability(device) == (9, 0)
         )
-    if config.kernel == "wgmma_rs":
-        rows_per_tile = 16 * config.num_warps
-        return (
-            0 < m <= config.block_m
-            and config.block_m in (8, 16, 32, 64, 128, 256)
-            and config.num_warps in (4, 8)
-            and config.block_n % rows_per_tile == 0
-            and config.block_n > 0
-            and _rs_shared_bytes(config, k) <= RS_SHARED_LIMIT
-            and _capability(device) == (9, 0)
-        )
     if config.kernel == "wgmma":
         return (
             _wgmma_tiles(config)
@@ -177,17 +161,6 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
 
 
 MMA_BLOCK_M = (8, 16, 32, 64)  # x rows the register MMA kernel holds: 8 per MMA, power of two
-RS_SHARED_LIMIT = 224 * 1024  # Hopper's shared memory per block, less some headroom
-
-
-def _rs_steps(config: KernelConfig, k: int) -> int:
-    """128-value steps of K per split in the register-operand warpgroup kernel."""
-    return triton.cdiv(triton.cdiv(k, 128), config.split_k)
-
-
-def _rs_shared_bytes(config: KernelConfig, k: int) -> int:
-    """x's resident rows for one split of K, 16-bit."""
-    return _rs_steps(config, k) * config.block_m * 128 * 2
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
@@ -260,8 +233,6 @@ def matmul_4bit(
         _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     elif config.kernel == "wgmma":
         _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
-    elif config.kernel == "wgmma_rs":
-        _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     else:
         args = (
             x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
@@ -325,21 +296,5 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, W_LEFT=config.w_left, NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
-    )  # fmt: skip
-
-
-def _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config):
-    from engine.kernels.wgmma_rs_4bit import wgmma_rs_4bit_kernel  # Hopper-only module
-
-    if packed.data_ptr() % 16:  # 128-bit loads of 16 bytes per row and lane
-        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
-    row_tiles = config.block_n // (16 * config.num_warps)
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
-    wgmma_rs_4bit_kernel[grid](
-        x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
-        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
-        BLOCK_M=config.block_m, ROW_TILES=row_tiles, SPLIT_K=config.split_k,
-        STEPS=_rs_steps(config, k), AHEAD=2 if config.num_stages > 2 else 1,
         num_warps=config.num_warps,
     )  # fmt: skip

@@ -90,21 +90,3 @@ def test_register_mma_tiles(monkeypatch):
     assert not mm.fits(mm.KernelConfig("mma", 128, 16, 0, 2, 1), 100, 4096, cuda)
     monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
     assert not mm.fits(config, 1, 4096, cuda)
-
-
-def test_register_operand_warpgroup_tiles(monkeypatch):
-    """The register-operand warpgroup kernel: whole 16-row warp tiles, all of x's rows in one
-    power-of-two tile, and x's rows for a split of K within shared memory."""
-    from engine.kernels import matmul_4bit as mm
-
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(mm, "_capability", lambda device: (9, 0))
-    config = mm.KernelConfig("wgmma_rs", 64, 128, 0, 8, 4)
-    assert mm.fits(config, 64, 4096, cuda) and mm.fits(config, 33, 11008, cuda)
-    assert not mm.fits(config, 65, 4096, cuda)
-    # 86 steps of K=11008 in 2 splits: 43 x 64 rows x 256 bytes, past shared memory.
-    assert not mm.fits(mm.KernelConfig("wgmma_rs", 64, 128, 0, 2, 4), 64, 11008, cuda)
-    assert not mm.fits(mm.KernelConfig("wgmma_rs", 64, 96, 0, 8, 4), 64, 4096, cuda)
-    assert not mm.fits(mm.KernelConfig("wgmma_rs", 48, 128, 0, 8, 4), 40, 4096, cuda)
-    monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))
-    assert not mm.fits(config, 64, 4096, cuda)

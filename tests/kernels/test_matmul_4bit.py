@@ -127,10 +127,6 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 64, 256, 64, 2, 8, w_left=True),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True),  # copies 2 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
-            KernelConfig("wgmma_rs", 16, 64, 0, 4, 4),  # weights from registers
-            KernelConfig("wgmma_rs", 8, 512, 0, 2, 4),  # MMA N 8; 8 row tiles a program
-            KernelConfig("wgmma_rs", 64, 256, 0, 8, 4, 3),  # 4 row tiles, 2 steps ahead
-            KernelConfig("wgmma_rs", 32, 256, 0, 4, 8),  # two warpgroups
         ]
     return variants
 
@@ -149,7 +145,7 @@ def test_every_kernel_variant(quant_type, dtype):
         for config in _kernel_variants():
             if config.kernel == "gemv" or config.block_m == 8:
                 m = min(config.block_m, 7)
-            elif config.kernel in ("mma", "wgmma_rs"):
+            elif config.kernel == "mma":
                 m = config.block_m - 3  # rows that do not fill the tile
             elif config.kernel == "wgmma" and config.w_left:
                 m = config.block_m + 3  # a second batch tile, ragged
