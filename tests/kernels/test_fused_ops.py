@@ -1,8 +1,9 @@
 """The Triton attention, cache-write and fused elementwise kernels against the engine's portable
 PyTorch layers (themselves checked against transformers by the oracle tests).
 
-Skipped where no GPU is present (CI). TRITON_INTERPRET=1 runs the elementwise ones on CPU in
-float32 (this Triton's interpreter cannot run the paged-attention kernel's loop)."""
+Skipped where no GPU is present (CI). TRITON_INTERPRET=1 runs them on CPU in float32 with
+numpy < 2.4 (numpy 2.4 no longer turns the interpreter's one-element scalars into loop bounds),
+all but the fp8-cache cases (the interpreter rounds to fp8 its own way)."""
 
 from __future__ import annotations
 
@@ -73,9 +74,12 @@ def test_rotary_in_place(dtype, heads, kv_heads):
     [(32, 32, None, None), (32, 8, None, None), (8, 2, 20, None),
      (32, 8, None, torch.float8_e4m3fn), (8, 2, 20, torch.float8_e5m2)],
 )  # fmt: skip
-def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dtype):
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 8])
+def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dtype, num_splits):
     """Decode queries over shuffled cache blocks: the kernel equals the portable attention, also
-    over an fp8 cache (kv_cache_dtype), which both round and widen the same way."""
+    over an fp8 cache (kv_cache_dtype), which both round and widen the same way, and with each
+    sequence's context split over several programs (8: more splits than some contexts have
+    tiles, so some splits are empty)."""
     from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
     from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
     from engine.layers.attention import Attention
@@ -112,19 +116,21 @@ def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dt
     store_kv_cache(k, v, kernel_cache[0], kernel_cache[1], slot_mapping)
     assert torch.equal(kernel_cache, attn.kv_cache)
     out = paged_decode_attention(
-        q, kernel_cache[0], kernel_cache[1], padded, lens, head_dim**-0.5, window
+        q, kernel_cache[0], kernel_cache[1], padded, lens, head_dim**-0.5, window, num_splits
     )
     assert close(out, expected, dtype)
 
 
-def test_paged_decode_empty_row_is_zero():
-    """CUDA-graph padding rows have no context: they must give zeros, not NaN."""
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_empty_row_is_zero(num_splits):
+    """CUDA-graph padding rows have no context: they must give zeros, not NaN (split or not)."""
     from engine.kernels.paged_attention import paged_decode_attention
 
     cache = torch.randn(2, 4, 16, 2, 64, device=DEVICE)
     q = torch.randn(2, 4, 64, device=DEVICE)
     tables = torch.zeros(2, 1, dtype=torch.long, device=DEVICE)
     out = paged_decode_attention(
-        q, cache[0], cache[1], tables, torch.tensor([0, 5], device=DEVICE), 0.125
-    )
+        q, cache[0], cache[1], tables, torch.tensor([0, 5], device=DEVICE), 0.125,
+        num_splits=num_splits,
+    )  # fmt: skip
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
