@@ -5,7 +5,8 @@ The graph reads its inputs from static buffers that each step refills: token ids
 cache slots, block tables and context lengths. Padding rows get slot -1 (the cache write skips
 them) and context length 0 (attention returns zeros), so they touch nothing. Graphs are used
 only with the Triton kernels on: the paged-attention kernel makes the launch independent of
-context lengths (the 4-bit matmul inside may be bitsandbytes' own)."""
+context lengths (the 4-bit matmul inside may be bitsandbytes' own). With tensor parallelism the
+graph holds the rank's all-reduces too (NCCL collectives replay inside graphs)."""
 
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ class DecodeGraphRunner:
             self._forward(batch)  # warm-up: compiles the Triton kernels for this shape
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: other threads' CUDA calls (the NCCL watchdog's event queries, with
+            # tensor parallelism) must not invalidate this thread's capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._forward(batch)
             pool = graph.pool()
             self.graphs[batch] = (graph, out)

@@ -98,17 +98,20 @@ class ModelRunner:
         num_blocks = determine_num_blocks(
             config, self.model, self.cache_dtype, device, max_model_len, self._profile_run
         )
-        self.num_blocks = self._agree_across_ranks(num_blocks)
+        # Every rank must hold the same blocks: the smallest count any rank can afford.
+        self.num_blocks = self._min_across_ranks(num_blocks)
         allocate_kv_cache(self.model, self.num_blocks, self.block_size, self.cache_dtype, device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
-        if self.use_kernels and not config.enforce_eager and get_tp_group().size == 1:
+        if self.use_kernels and not config.enforce_eager:
+            # With tensor parallelism each rank captures its shard's step, all-reduces included
+            # (NCCL in the graph); ranks replay in lockstep, so either all use graphs or none.
             self.graphs = DecodeGraphRunner(
                 self.model,
                 capture_sizes(config.max_num_seqs),
                 -(-max_model_len // self.block_size),
                 device,
             )
-            if not self.graphs.capture():
+            if not self._min_across_ranks(int(self.graphs.capture())):
                 self.graphs = None
 
     @staticmethod
@@ -118,14 +121,14 @@ class ModelRunner:
             raise ValueError("kernels='triton' needs a CUDA device and Triton installed")
         return choice != "native" and available
 
-    def _agree_across_ranks(self, num_blocks: int) -> int:
-        """Every rank must hold the same blocks: take the smallest count any rank can afford."""
+    def _min_across_ranks(self, value: int) -> int:
+        """The smallest of every rank's value (the value itself with one rank)."""
         tp = get_tp_group()
         if tp.size == 1:
-            return num_blocks
-        count = torch.tensor([num_blocks], device=self.device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN, group=tp.group)
-        return int(count.item())
+            return value
+        tensor = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=tp.group)
+        return int(tensor.item())
 
     # Planning (rank 0).
 
