@@ -80,6 +80,8 @@ def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dt
     over an fp8 cache (kv_cache_dtype), which both round and widen the same way, and with each
     sequence's context split over several programs (8: more splits than some contexts have
     tiles, so some splits are empty)."""
+    if cache_dtype is not None and DEVICE.type != "cuda":
+        pytest.skip("Triton's interpreter rounds to fp8 its own way; GPUs run these cases")
     from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
     from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
     from engine.layers.attention import Attention
