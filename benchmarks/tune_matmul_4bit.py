@@ -46,12 +46,10 @@ def candidates(m: int) -> list[KernelConfig]:
             for rows in (1, 2, 4, 8):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
-                    # num_stages: 2 or (few rows a thread) 4 K steps per loop iteration.
-                    for steps in (2, 4) if rows * bm <= 2 else (2,):
-                        out.append(
-                            KernelConfig("gemv", bm, block_n, num_warps=warps, num_stages=steps,
-                                         threads_n=threads_n, warps_n=warps_n)
-                        )  # fmt: skip
+                    out.append(
+                        KernelConfig("gemv", bm, block_n, num_warps=warps,
+                                     threads_n=threads_n, warps_n=warps_n)
+                    )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.

@@ -45,10 +45,9 @@ def gemv_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
-    THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr, STEPS: gl.constexpr,
+    THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
 ):  # fmt: skip
-    """x_ptr: x as int32 pairs [M, K/2]; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. STEPS (2
-    or 4): K steps per loop iteration, all their weight bytes requested before any is decoded."""
+    """x_ptr: x as int32 pairs [M, K/2]; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
@@ -111,18 +110,13 @@ def gemv_4bit_kernel(
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
     half_k = K // 2
     stride = step_bytes * SPLIT_K
-    # STEPS steps per iteration, all their weight bytes requested before any is decoded: more
-    # bytes in flight per thread, which is what keeps HBM busy at batch 1. (Not a register
-    # double buffer across iterations: bytes carried through a loop are re-packed one by one.)
-    for b0 in range(pid_k * step_bytes, half_k, STEPS * stride):
+    # Two K steps per iteration, both steps' weight bytes requested before either is decoded:
+    # more bytes in flight per thread. (Not a register double buffer across iterations: bytes
+    # carried through a loop are re-packed one by one. Four steps measured no faster.)
+    for b0 in range(pid_k * step_bytes, half_k, 2 * stride):
         b1 = b0 + stride
         packed0 = gl.load(w_ptrs + b0, mask=b0 + w_chunk < half_k)
         packed1 = gl.load(w_ptrs + b1, mask=b1 + w_chunk < half_k)
-        if STEPS == 4:
-            b2 = b1 + stride
-            b3 = b2 + stride
-            packed2 = gl.load(w_ptrs + b2, mask=b2 + w_chunk < half_k)
-            packed3 = gl.load(w_ptrs + b3, mask=b3 + w_chunk < half_k)
         # Bytes past K are masked off, not zeroed: any byte decodes to a finite code, and its x
         # pair and scale are loaded as zero.
         acc = _accumulate(
@@ -133,15 +127,6 @@ def gemv_4bit_kernel(
             acc, packed1, b1, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
             t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE, X_FP16,
         )  # fmt: skip
-        if STEPS == 4:
-            acc = _accumulate(
-                acc, packed2, b2, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
-                t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE, X_FP16,
-            )  # fmt: skip
-            acc = _accumulate(
-                acc, packed3, b3, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
-                t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE, X_FP16,
-            )  # fmt: skip
     out = gl.sum(acc, axis=2)
 
     o_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))

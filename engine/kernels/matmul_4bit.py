@@ -62,8 +62,7 @@ class KernelConfig:
     block_k: int = 0  # gemm, wgmma: values of K per loop step
     split_k: int = 1
     num_warps: int = 4
-    # gemm, wgmma: K steps of copies in flight. gemv: K steps per loop iteration (2 or 4), all
-    # their weight bytes requested as it starts. mma (two steps per iteration): 2 = as the
+    # gemm, wgmma: K steps of copies in flight. mma (two steps per iteration): 2 = as the
     # iteration starts; 4 = the next iteration's requested before this one's are decoded.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
@@ -265,7 +264,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
-        STEPS=4 if config.num_stages > 2 else 2, num_warps=config.num_warps,
+        num_warps=config.num_warps,
     )  # fmt: skip
 
 

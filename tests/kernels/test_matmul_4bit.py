@@ -106,7 +106,7 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 4, num_warps=2),
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
         KernelConfig("gemv", 8, 2, num_warps=8, warps_n=2),
-        KernelConfig("gemv", 1, 8, num_warps=8, num_stages=4),  # 4 K steps per iteration
+        KernelConfig("gemv", 1, 8, num_warps=8),  # 8 rows a thread
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
