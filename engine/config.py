@@ -92,7 +92,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False,
         description="Run every step eagerly; otherwise decode steps replay CUDA graphs "
-        "(on CUDA with the Triton kernels, single GPU).",
+        "(on CUDA with the Triton kernels; with tensor parallelism, on every rank).",
     )
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto",
@@ -104,9 +104,8 @@ class EngineConfig(BaseModel):
     async_scheduling: bool = Field(
         True,
         description="One rank (a GPU or the CPU): while a decode step runs, queue the next one "
-        "behind it (fed the "
-        "tokens it samples, on the device) and process the first one's tokens on the host "
-        "meanwhile, so the GPU does not wait for the host between steps.",
+        "behind it (fed the tokens it samples, on the device) and process the first one's "
+        "tokens on the host meanwhile, so the GPU does not wait for the host between steps.",
     )
     kernels: Literal["auto", "triton", "native"] = Field(
         "auto",

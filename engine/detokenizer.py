@@ -89,10 +89,17 @@ def check_stop(seq: Sequence, delta_len: int, max_model_len: int) -> None:
         if params.stop_strings and delta_len:
             if _truncate_at_stop_string(seq, delta_len):
                 return
-    if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+    if reaches_length_limit(seq, max_model_len):
         seq.finish_reason = "length"
-    elif seq.num_tokens >= max_model_len:
-        seq.finish_reason = "length"
+
+
+def reaches_length_limit(seq: Sequence, max_model_len: int, pending: int = 0) -> bool:
+    """Whether seq, with `pending` more tokens than it holds (a token in flight), is at its
+    max_tokens or at the model's max_model_len."""
+    limit = seq.params.max_tokens
+    return (limit is not None and seq.num_output_tokens + pending >= limit) or (
+        seq.num_tokens + pending >= max_model_len
+    )
 
 
 def _truncate_at_stop_string(seq: Sequence, delta_len: int) -> bool:

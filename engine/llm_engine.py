@@ -11,7 +11,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.detokenizer import Detokenizer, check_stop
+from engine.detokenizer import Detokenizer, check_stop, reaches_length_limit
 from engine.model_files import load_tokenizer
 from engine.model_runner import ModelRunnerOutput, StepPlan
 from engine.model_spec import ModelSpec
@@ -200,7 +200,11 @@ class LLMEngine:
         seqs = launched.seqs
         if not set(scheduler.running) <= set(seqs):  # finished ones have left `running`
             return None
-        follow = [s for s in seqs if not s.is_finished and not self._ends_with_next_token(s)]
+        # A sequence whose token in flight reaches a length limit ends with it.
+        follow = [
+            s for s in seqs
+            if not s.is_finished and not reaches_length_limit(s, self.max_model_len, pending=1)
+        ]  # fmt: skip
         if not follow:
             return None
         manager = self.block_manager
@@ -214,13 +218,6 @@ class LLMEngine:
         if self.collect_stats:
             self._stats.num_launched_ahead += 1
         return followup
-
-    def _ends_with_next_token(self, seq: Sequence) -> bool:
-        """Whether the token in flight for seq (not yet appended) reaches a length limit."""
-        limit = seq.params.max_tokens
-        return (limit is not None and seq.num_output_tokens + 1 >= limit) or (
-            seq.num_tokens + 1 >= self.max_model_len
-        )
 
     def _record_step(self, start: float, num_seqs: int, num_tokens: int, preempted: int) -> None:
         if not self.collect_stats:
