@@ -49,6 +49,13 @@ def time_ours(llm: LLM, batch_prompts, output_len: int) -> float:
     return elapsed
 
 
+def decode_tok_s(llm: LLM, batch_prompts, output_len: int, elapsed: float) -> float:
+    """Decode alone (what the roofline bounds): a run of `elapsed` seconds less a prefill-only
+    run (one token) of the same batch."""
+    prefill = time_ours(llm, batch_prompts, 1)
+    return len(batch_prompts) * (output_len - 1) / (elapsed - prefill)
+
+
 @torch.no_grad()
 def time_transformers(model, batch_prompts, output_len: int) -> float:
     ids = torch.tensor(batch_prompts, device=model.device)
@@ -144,9 +151,7 @@ def main() -> None:
             tokens = batch * args.output_len
             elapsed = time_ours(llm, batch_prompts, args.output_len)
             row = {"batch_size": batch, "ours_tok_s": tokens / elapsed}
-            # Decode alone (what the roofline bounds): the run less a prefill-only run (1 token).
-            prefill = time_ours(llm, batch_prompts, 1)
-            row["ours_decode_tok_s"] = batch * (args.output_len - 1) / (elapsed - prefill)
+            row["ours_decode_tok_s"] = decode_tok_s(llm, batch_prompts, args.output_len, elapsed)
             if bandwidth:
                 row["roofline_tok_s"] = batch * bandwidth / step_bytes
                 row["ours_fraction_of_roofline"] = row["ours_tok_s"] / row["roofline_tok_s"]
@@ -170,9 +175,8 @@ def main() -> None:
                 elapsed = time_ours(bf16, batch_prompts, args.output_len)
                 row["ours_bf16_tok_s"] = row["batch_size"] * args.output_len / elapsed
                 row["nf4_over_bf16"] = row["ours_tok_s"] / row["ours_bf16_tok_s"]
-                prefill = time_ours(bf16, batch_prompts, 1)
-                row["ours_bf16_decode_tok_s"] = (
-                    row["batch_size"] * (args.output_len - 1) / (elapsed - prefill)
+                row["ours_bf16_decode_tok_s"] = decode_tok_s(
+                    bf16, batch_prompts, args.output_len, elapsed
                 )
                 print(json.dumps(row), flush=True)
             del bf16
