@@ -9,7 +9,8 @@ indices; a third `prmt` chooses, per byte, the table half the fourth index bit n
 interleave high and low bytes into bf16 pairs. Four packed bytes become eight codes, as fp32, in
 about 28 integer instructions, with no memory traffic.
 
-Kernels run `DECODE_ASM` through `inline_asm_elementwise` with `pack=4` and arguments
+The portable Triton kernel (`gemm_4bit.py`) runs `DECODE_ASM` through
+`inline_asm_elementwise` with `pack=4` and arguments
 (packed bytes, table word 0, ..., table word 7): outputs $0..$3 are the high-nibble codes of
 bytes 0..3 of input $8, $4..$7 the low-nibble ones; each table word arrives four times (one per
 packed element), of which the asm reads the first. The codes are the table's values rounded to
@@ -21,7 +22,13 @@ two codes as one register of two 16-bit values in K order (the high nibble's val
 half, as MMA operands want them) and scales them there with one packed multiply (`mul.rn.bf16x2` or
 `.f16x2`) by the block's absmax rounded to 16 bits, about 20 instructions per four bytes instead
 of about 40 through fp32. The table it reads is in x's 16-bit type: `code_table` holds the codes
-both as bf16 (words 0-7, which the fp32 decoder also widens) and as fp16 (words 8-15)."""
+both as bf16 (words 0-7, which the fp32 decoder also widens) and as fp16 (words 8-15).
+
+`decode_words` (the GEMV) goes the other way: with the weight bytes the whole cost at batch 1,
+it spends one instruction on a byte's two codes, an 8-byte load of them as fp32 from a table
+of all 256 byte values in shared memory (`fill_byte_table`; 1-2 integer instructions build the
+address). The table is repeated so that a warp's loads never share a bank; they are exact fp32
+codes."""
 
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 4 + 8 * 4))
 WORD_PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 1 + 8))
 TABLE_WORDS = 8  # one table: the codes in one 16-bit type
 TABLE_STRIDE = 16  # words per copy in code_table: the bf16 table, then the fp16 one
+PAIR_TABLE_OFFSET = 32 * TABLE_STRIDE  # where code_table's byte table (256 fp32 pairs) starts
 
 
 def _words(values: list[int]) -> list[int]:
@@ -56,7 +64,8 @@ def _table_words(code: tuple[float, ...], dtype: torch.dtype) -> list[int]:
 
 def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoders' int32 words: eight for the codes as bf16 (high
-    bytes, then low bytes), eight more for them as fp16; repeated 32 times ([32, 16]). Kernels
+    bytes, then low bytes), eight more for them as fp16; repeated 32 times (32 x 16 words), then
+    the byte table the shared-memory decoder copies (`fill_byte_table`). Kernels
     index the copies by something that varies across a warp's threads (a chunk or row index,
     mod 32), so each thread loads a table of its own and the compiler keeps it in ordinary
     registers rather than uniform ones. One read-only tensor
@@ -67,8 +76,11 @@ def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
 @functools.cache
 def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
     words = _table_words(code, torch.bfloat16) + _table_words(code, torch.float16)
-    table = torch.tensor(words, dtype=torch.int64).to(torch.int32)
-    return table.repeat(32, 1).to(device)
+    table = torch.tensor(words, dtype=torch.int64).to(torch.int32).repeat(32, 1).flatten()
+    # Then the byte table: for each byte value, (code[high nibble], code[low nibble]) in fp32.
+    values = torch.tensor(code, dtype=torch.float32)
+    pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
+    return torch.cat([table, pairs.flatten().view(torch.int32)]).to(device)
 
 
 def _lookup(packed: str, first_table_arg: int, half: int, copies: int = 4) -> list[str]:
@@ -135,8 +147,6 @@ WORD_PAIRS_BF16_ASM = _decode_pairs_asm("mul.rn.bf16x2", copies=1)
 WORD_PAIRS_FP16_ASM = _decode_pairs_asm("mul.rn.f16x2", copies=1)
 
 
-_ASM = gl.constexpr(DECODE_ASM)
-_CONSTRAINTS = gl.constexpr(CONSTRAINTS)
 _PAIRS_CONSTRAINTS = gl.constexpr(PAIRS_CONSTRAINTS)
 _PAIRS_BF16 = gl.constexpr(DECODE_PAIRS_BF16_ASM)
 _PAIRS_FP16 = gl.constexpr(DECODE_PAIRS_FP16_ASM)
@@ -159,15 +169,6 @@ def load_code_table(table_ptr, lane, FP16: gl.constexpr = False):
     return (
         gl.load(t_ptrs + 0), gl.load(t_ptrs + 1), gl.load(t_ptrs + 2), gl.load(t_ptrs + 3),
         gl.load(t_ptrs + 4), gl.load(t_ptrs + 5), gl.load(t_ptrs + 6), gl.load(t_ptrs + 7),
-    )  # fmt: skip
-
-
-@gluon.jit
-def decode(packed, t0, t1, t2, t3, t4, t5, t6, t7):
-    """uint8 bytes -> (high-nibble codes, low-nibble codes) as fp32 (Gluon kernels)."""
-    return gl.inline_asm_elementwise(
-        _ASM, _CONSTRAINTS, [packed, t0, t1, t2, t3, t4, t5, t6, t7],
-        dtype=(gl.float32, gl.float32), is_pure=True, pack=4,
     )  # fmt: skip
 
 
@@ -205,3 +206,79 @@ def decode_word_pairs(words, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.con
         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1,
     )  # fmt: skip
     return gl.join(gl.join(p0, p2), gl.join(p1, p3))
+
+
+# The shared-memory byte decoder. One 8-byte entry per byte value (its two codes in fp32), one
+# copy of the 256 entries per lane group, so a warp's 32 lookups of a load hit distinct banks in
+# each half-warp (an 8-byte load is served a half-warp at a time): `copies` = 16 needs 32 KB, and
+# 32 copies (64 KB) let one prmt build the address from the byte.
+BYTE_TABLE_ENTRIES = 256
+
+
+def _byte_lookup_asm(copies: int) -> str:
+    """$0..$3: the high-nibble codes (fp32) of bytes 0..3 of the word $8, $4..$7 the low-nibble
+    ones; $9: this thread's copy's offset ((lane % copies) * 8) in the table at the start of
+    shared memory."""
+    lines = ["{", ".reg .b32 t, a, base;", "mov.u32 base, global_smem;"]
+    for k in range(4):
+        if copies == 32:  # entry stride 256 bytes: [copy offset, byte k, 0, 0]
+            lines.append(f"prmt.b32 a, $8, $9, 0x55{k}4;")
+        else:  # entry stride 128 bytes: (byte k << 7) | copy offset
+            shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
+            lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]
+        lines += ["add.u32 a, a, base;", f"ld.shared.v2.b32 {{${k}, ${k + 4}}}, [a];"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+# 8 outputs; the word; the copy offset.
+_WORD_LOOKUP_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 2))
+_BYTE_LOOKUP_16 = gl.constexpr(_byte_lookup_asm(16))
+_BYTE_LOOKUP_32 = gl.constexpr(_byte_lookup_asm(32))
+_LANE = gl.constexpr("mov.u32 $0, %laneid;")
+_PAIR_TABLE_OFFSET = gl.constexpr(PAIR_TABLE_OFFSET)
+
+
+@gluon.jit
+def fill_byte_table(table_ptr, COPIES: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Fill shared memory [256, COPIES, 2] int32 with COPIES copies of code_table's byte table per
+    entry, and wait for every thread's part. It must be the kernel's only shared-memory buffer
+    while `decode_words` reads it at shared offset 0: Triton cannot see those reads, so the
+    buffer is live to it only up to its fill."""
+    layout: gl.constexpr = gl.BlockedLayout(
+        [1, 1, 2], [32 // COPIES, COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
+    )
+    e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    src = gl.expand_dims(gl.expand_dims(e * 2, 1), 2) + gl.expand_dims(gl.expand_dims(h, 0), 1)
+    values = gl.load(table_ptr + _PAIR_TABLE_OFFSET + src)  # [256, 1, 2]
+    values = values + gl.zeros([256, COPIES, 2], gl.int32, layout)  # the copies
+    # Allocated, then stored: an allocation initialised in place that nothing Triton can see
+    # reads is dropped as dead.
+    table = gl.allocate_shared_memory(
+        gl.int32, [256, COPIES, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    )
+    table.store(values)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def lane_copy_offset(like, COPIES: gl.constexpr):
+    """(lane % COPIES) * 8 as an int32 tensor shaped like `like`: the thread's table copy."""
+    lane = gl.inline_asm_elementwise(
+        _LANE, "=r,r", [gl.zeros_like(like).to(gl.int32)], dtype=gl.int32, is_pure=True, pack=1
+    )
+    return (lane % COPIES) * 8
+
+
+@gluon.jit
+def decode_words(words, copy_offset, COPIES: gl.constexpr):
+    """int32 words of four packed bytes -> eight fp32 tensors shaped like them: the high-nibble
+    codes of bytes 0..3, then the low-nibble ones, through the shared-memory byte table
+    (`fill_byte_table`): one 8-byte load per byte."""
+    # Not pure: the asm reads shared memory, so it must stay after the barrier that ends the
+    # table's fill (a pure asm is free to move across it).
+    return gl.inline_asm_elementwise(
+        _BYTE_LOOKUP_32 if COPIES == 32 else _BYTE_LOOKUP_16, _WORD_LOOKUP_CONSTRAINTS,
+        [words, copy_offset], dtype=(gl.float32,) * 8, is_pure=False, pack=1,
+    )  # fmt: skip

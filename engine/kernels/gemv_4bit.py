@@ -1,43 +1,95 @@
 """The small-batch 4-bit matmul (a handful of rows of x): a Gluon kernel with its register layout
 written out, because at batch 1 the weight bytes are the whole cost and every instruction spent
-moving data between threads shows.
+on them shows.
 
-Each thread owns 16 consecutive bytes (32 values, all under one absmax) of `ROWS` weight
-rows per step, and the matching 16 (x[2i], x[2i+1]) pairs of every row of x. It decodes the bytes
-in registers (`decode_4bit`), multiplies in fp32, sums its 32 products per row without talking to
-any other thread, and scales that sum by the block's absmax once. Threads and warps tile K; one
-reduction across them per program at the end gives the output."""
+Each thread owns 16 consecutive bytes (32 values, all under one absmax) of `ROWS` weight rows
+per step, loaded as four int32 words, and the matching 16 (x[2i], x[2i+1]) pairs of every row of
+x. It decodes each byte with one load from a table of code pairs in shared memory
+(`decode_4bit.decode_words`), multiplies in fp32 as a chain of fused multiply-adds, and scales
+its 32-value sum by the block's absmax once. Threads and warps tile K; one reduction across
+them per program at the end gives the output.
+
+Two K steps per loop iteration, both steps' words requested before either is decoded; with
+PREFETCH, the next iteration's words are requested before this one's are decoded too, so a
+program keeps bytes in flight while it computes. Words, not bytes, are what the loop carries:
+bytes carried through a loop are re-packed into registers one by one."""
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from engine.kernels.decode_4bit import decode, load_code_table
+from engine.kernels.decode_4bit import decode_words, fill_byte_table, lane_copy_offset
 
-BYTES_PER_THREAD_VALUE = 16  # one 128-bit load: 32 values, within one absmax block
-BYTES_PER_THREAD = gl.constexpr(BYTES_PER_THREAD_VALUE)
+_GRID_DEPENDENCY_WAIT = gl.constexpr("griddepcontrol.wait; // $0")
+
+
+@gluon.jit
+def wait_for_prior_kernel():
+    """Block until the kernel before this one in the stream has completed and its writes are
+    visible (sm_90 on; a no-op unless this kernel was launched as a programmatic dependent)."""
+    gl.inline_asm_elementwise(
+        _GRID_DEPENDENCY_WAIT, "=r", [], dtype=gl.int32, is_pure=False, pack=1
+    )
+
+
+WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
+PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 
 
 @gluon.jit
 def _accumulate(
-    acc, packed, b0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
-    t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr,
+    acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
+    BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, TABLE_COPIES: gl.constexpr,
+    WORD_LAYOUT: gl.constexpr,
 ):  # fmt: skip
-    """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for one step
-    whose weight bytes (`packed`) are already loaded."""
-    pairs = gl.load(x_ptrs + b0, mask=x_m_ok & (b0 + x_chunk < half_k), other=0)
-    scale = gl.load(scale_ptrs + (2 * b0) // BLOCKSIZE, mask=b0 + s_chunk < half_k, other=0.0)
-    high, low = decode(packed, t0, t1, t2, t3, t4, t5, t6, t7)
+    """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
+    at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
+    decodes to a finite code, and its x pair and scale are loaded as zero."""
+    pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
+    scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
+    h0, h1, h2, h3, l0, l1, l2, l3 = decode_words(words, copy_offset, TABLE_COPIES)
     if X_FP16:
         x_even = (pairs & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
         x_odd = (pairs >> 16).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
     else:  # bf16: the upper half of an fp32
         x_even = (pairs << 16).to(gl.float32, bitcast=True)
         x_odd = (pairs & -65536).to(gl.float32, bitcast=True)
-    prod = gl.expand_dims(high, 0) * gl.expand_dims(x_even, 1)
-    prod += gl.expand_dims(low, 0) * gl.expand_dims(x_odd, 1)
-    return acc + gl.sum(prod, axis=3) * gl.expand_dims(scale, 0)
+    # Pair 4w + b of the 16 meets byte b of word w.
+    x_layout: gl.constexpr = gl.SliceLayout(1, WORD_LAYOUT)
+    e0, e2, e1, e3 = _quarters(x_even, x_layout)
+    o0, o2, o1, o3 = _quarters(x_odd, x_layout)
+    # One chain of fused multiply-adds per word, then 3 adds: not products summed as a tree.
+    part = gl.expand_dims(h0, 0) * gl.expand_dims(e0, 1)
+    part += gl.expand_dims(l0, 0) * gl.expand_dims(o0, 1)
+    part += gl.expand_dims(h1, 0) * gl.expand_dims(e1, 1)
+    part += gl.expand_dims(l1, 0) * gl.expand_dims(o1, 1)
+    part += gl.expand_dims(h2, 0) * gl.expand_dims(e2, 1)
+    part += gl.expand_dims(l2, 0) * gl.expand_dims(o2, 1)
+    part += gl.expand_dims(h3, 0) * gl.expand_dims(e3, 1)
+    part += gl.expand_dims(l3, 0) * gl.expand_dims(o3, 1)
+    sums = gl.convert_layout(gl.sum(part, axis=3), acc.type.layout)
+    return acc + sums * gl.expand_dims(scale, 0)
+
+
+@gluon.jit
+def _halves(t):
+    """[a, b, 2j] -> positions 0, 2, 4... and 1, 3, 5... of the last axis, which lives in each
+    thread's registers: free."""
+    return gl.split(gl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 2, 2]))
+
+
+@gluon.jit
+def _quarters(t, layout: gl.constexpr):
+    """[a, b, 4j] -> four [a, b, j] (positions i mod 4 = 0, 2, 1, 3) in `layout` (where they
+    already are: no data moves)."""
+    even, odd = _halves(t)
+    e0, e1 = _halves(even)
+    o0, o1 = _halves(odd)
+    return (
+        gl.convert_layout(e0, layout), gl.convert_layout(e1, layout),
+        gl.convert_layout(o0, layout), gl.convert_layout(o1, layout),
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -46,22 +98,31 @@ def gemv_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
+    TABLE_COPIES: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr,
 ):  # fmt: skip
-    """x_ptr: x as int32 pairs [M, K/2]; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
+    """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
+    stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
     chunks: gl.constexpr = threads_k * warps_k  # 16-byte chunks of a row per step
-    step_bytes: gl.constexpr = chunks * BYTES_PER_THREAD
-    # [m, n, chunk, byte]: m and the thread's rows in registers, chunks over threads and warps.
+    step_words: gl.constexpr = chunks * WORDS_PER_THREAD
+    # [m, n, chunk, pair]: m and the thread's rows in registers, chunks over threads and warps.
     layout: gl.constexpr = gl.BlockedLayout(
-        size_per_thread=[BLOCK_M, ROWS, 1, BYTES_PER_THREAD],
+        size_per_thread=[BLOCK_M, ROWS, 1, PAIRS_PER_THREAD],
         threads_per_warp=[1, THREADS_N, threads_k, 1],
         warps_per_cta=[1, WARPS_N, warps_k, 1],
         order=[3, 2, 1, 0],
     )
-    w_layout: gl.constexpr = gl.SliceLayout(0, layout)  # [n, chunk, byte]
-    x_layout: gl.constexpr = gl.SliceLayout(1, layout)  # [m, chunk, byte]
+    # The same over words [m, n, chunk, word].
+    word_layout: gl.constexpr = gl.BlockedLayout(
+        size_per_thread=[BLOCK_M, ROWS, 1, WORDS_PER_THREAD],
+        threads_per_warp=[1, THREADS_N, threads_k, 1],
+        warps_per_cta=[1, WARPS_N, warps_k, 1],
+        order=[3, 2, 1, 0],
+    )
+    w_layout: gl.constexpr = gl.SliceLayout(0, word_layout)  # [n, chunk, word]
+    x_layout: gl.constexpr = gl.SliceLayout(1, layout)  # [m, chunk, pair]
     sums_layout: gl.constexpr = gl.SliceLayout(3, layout)  # [m, n, chunk]
     scale_layout: gl.constexpr = gl.SliceLayout(0, sums_layout)  # [n, chunk]
     out_layout: gl.constexpr = gl.SliceLayout(2, sums_layout)  # [m, n]
@@ -70,63 +131,76 @@ def gemv_4bit_kernel(
     pid_k = gl.program_id(1)
     n0 = pid_n * block_n
 
-    # Weight bytes: rows past N re-read the last row and are never stored. Masks are per
+    # Weight words: rows past N re-read the last row and are never stored. Masks are per
     # 16-byte chunk (K is a multiple of 64), so each load stays one 128-bit access.
     w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
     w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    w_b = gl.arange(0, BYTES_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
     w_rows = gl.minimum(n0 + w_n, N - 1)
-    w_chunk = gl.expand_dims(gl.expand_dims(w_c * BYTES_PER_THREAD, 0), 2)  # [1, chunk, 1]
+    w_chunk = gl.expand_dims(gl.expand_dims(w_c * WORDS_PER_THREAD, 0), 2)  # [1, chunk, 1]
     w_ptrs = (
         w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
-        + gl.expand_dims(gl.expand_dims(w_b, 0), 1)
+        + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
     )  # fmt: skip
 
-    # x pairs, the same [chunk, byte] positions.
+    # x pairs of the same chunks, four per word (pair offset = 4 * word offset).
     x_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
     x_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
-    x_b = gl.arange(0, BYTES_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
-    x_chunk = gl.expand_dims(gl.expand_dims(x_c * BYTES_PER_THREAD, 0), 2)
+    x_p = gl.arange(0, PAIRS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+    x_chunk = gl.expand_dims(gl.expand_dims(x_c * WORDS_PER_THREAD, 0), 2)  # in words
     x_m_ok = gl.expand_dims(gl.expand_dims(x_m < M, 1), 2)
     x_ptrs = (
-        x_ptr + gl.expand_dims(gl.expand_dims(x_m * stride_xm, 1), 2) + x_chunk
-        + gl.expand_dims(gl.expand_dims(x_b, 0), 1)
+        x_ptr + gl.expand_dims(gl.expand_dims(x_m * stride_xm, 1), 2) + 4 * x_chunk
+        + gl.expand_dims(gl.expand_dims(x_p, 0), 1)
     )  # fmt: skip
 
-    # One absmax per (row, chunk): the block of the chunk's first value.
+    # One absmax per (row, chunk): the block of the chunk's first value (8 values a word).
     s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
     s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
-    s_chunk = gl.expand_dims(s_c * BYTES_PER_THREAD, 0)
+    s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
     scale_ptrs = (
         absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
-        + (2 * s_chunk) // BLOCKSIZE
+        + (8 * s_chunk) // BLOCKSIZE
     )  # fmt: skip
 
-    # The code table, one copy per lane (decode_4bit.code_table): loaded per thread, it lives in
-    # ordinary registers, where prmt can read it without a copy per use.
-    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
-        table_ptr, gl.expand_dims(gl.expand_dims(w_c, 0), 2)
+    half_kw = K // 8  # words per row
+    stride = step_words * SPLIT_K
+    # The first iteration's words are requested before the table is filled, to overlap it.
+    first = pid_k * step_words
+    words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
+    words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
+    fill_byte_table(table_ptr, TABLE_COPIES, gl.num_warps())
+    copy_offset = lane_copy_offset(
+        gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout), TABLE_COPIES
     )
+    # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
+    # kernel before it finishes: everything above reads only the weights, which no kernel
+    # writes. From here on it reads x and writes out, so it waits for that kernel to complete.
+    if PDL:
+        wait_for_prior_kernel()
+
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
-    half_k = K // 2
-    stride = step_bytes * SPLIT_K
-    # Two K steps per iteration, both steps' weight bytes requested before either is decoded:
-    # more bytes in flight per thread. (Not a register double buffer across iterations: bytes
-    # carried through a loop are re-packed one by one. Four steps measured no faster.)
-    for b0 in range(pid_k * step_bytes, half_k, 2 * stride):
-        b1 = b0 + stride
-        packed0 = gl.load(w_ptrs + b0, mask=b0 + w_chunk < half_k)
-        packed1 = gl.load(w_ptrs + b1, mask=b1 + w_chunk < half_k)
-        # Bytes past K are masked off, not zeroed: any byte decodes to a finite code, and its x
-        # pair and scale are loaded as zero.
+    for w0 in range(first, half_kw, 2 * stride):
+        if PREFETCH:  # the next iteration's words (masked off past the end: no traffic)
+            ahead = w0 + 2 * stride
+            next0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+            next1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
         acc = _accumulate(
-            acc, packed0, b0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
-            t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE, X_FP16,
+            acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
+            copy_offset, BLOCKSIZE, X_FP16, TABLE_COPIES, word_layout,
         )  # fmt: skip
         acc = _accumulate(
-            acc, packed1, b1, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_k,
-            t0, t1, t2, t3, t4, t5, t6, t7, BLOCKSIZE, X_FP16,
+            acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
+            copy_offset, BLOCKSIZE, X_FP16, TABLE_COPIES, word_layout,
         )  # fmt: skip
+        if PREFETCH:
+            words0 = next0
+            words1 = next1
+        else:
+            ahead = w0 + 2 * stride
+            words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+            words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
+    gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
     out = gl.sum(acc, axis=2)
 
     o_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
