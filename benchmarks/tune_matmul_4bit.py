@@ -33,8 +33,7 @@ from engine.kernels.matmul_4bit import (
 )
 
 # gemv thread shapes: (num_warps, threads_n, warps_n); K per step = 32 * (32 / threads_n) *
-# (num_warps / warps_n) values. The last ones step through K in short steps: long loops, which
-# the prefetch (num_stages 4) keeps bytes in flight through.
+# (num_warps / warps_n) values.
 GEMV_SHAPES = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 1), (4, 2, 1), (4, 4, 1), (8, 2, 1),
                (8, 4, 1), (4, 1, 2), (8, 1, 2), (8, 1, 4), (4, 2, 2), (4, 4, 4), (8, 2, 4),
                (4, 8, 4), (8, 4, 8)]  # fmt: skip
@@ -45,17 +44,13 @@ def candidates(m: int) -> list[KernelConfig]:
     if m <= 8:
         bm = triton.next_power_of_2(m)
         for warps, threads_n, warps_n in GEMV_SHAPES:
-            for rows, copies, stages in itertools.product((1, 2, 4, 8), (16, 32), (2, 4)):
-                if rows * bm > 8 or (m > 1 and copies == 32):  # batch 1 gets every variant
-                    continue
-                block_n = rows * threads_n * warps_n
-                # Register caps where two 8-warp programs could then share an SM.
-                caps = (0, 128) if warps == 8 and copies == 16 else (0,)
-                out += [
-                    KernelConfig("gemv", bm, block_n, 0, 1, warps, stages, threads_n=threads_n,
-                                 warps_n=warps_n, table_copies=copies, maxnreg=cap)
-                    for cap in caps
-                ]  # fmt: skip
+            for rows in (1, 2, 4, 8):
+                if rows * bm <= 8:
+                    block_n = rows * threads_n * warps_n
+                    out.append(
+                        KernelConfig("gemv", bm, block_n, num_warps=warps,
+                                     threads_n=threads_n, warps_n=warps_n)
+                    )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.

@@ -208,24 +208,21 @@ def decode_word_pairs(words, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.con
     return gl.join(gl.join(p0, p2), gl.join(p1, p3))
 
 
-# The shared-memory byte decoder. One 8-byte entry per byte value (its two codes in fp32), one
-# copy of the 256 entries per lane group, so a warp's 32 lookups of a load hit distinct banks in
-# each half-warp (an 8-byte load is served a half-warp at a time): `copies` = 16 needs 32 KB, and
-# 32 copies (64 KB) let one prmt build the address from the byte.
-BYTE_TABLE_ENTRIES = 256
+# The shared-memory byte decoder. One 8-byte entry per byte value (its two codes in fp32), 16
+# copies of the 256 entries (32 KB): an 8-byte load is served a half-warp at a time, and lane
+# l reads copy l % 16, so a warp's 32 lookups never share a bank. (32 copies, 64 KB, would let
+# one prmt build the address instead of a shift and a lop3; it measured 5-10% slower.)
+BYTE_TABLE_COPIES = 16
 
 
-def _byte_lookup_asm(copies: int) -> str:
+def _byte_lookup_asm() -> str:
     """$0..$3: the high-nibble codes (fp32) of bytes 0..3 of the word $8, $4..$7 the low-nibble
-    ones; $9: this thread's copy's offset ((lane % copies) * 8) in the table at the start of
-    shared memory."""
+    ones; $9: this thread's copy's offset ((lane % 16) * 8) in the table at the start of shared
+    memory. Entry e of copy c is at e * 128 + c * 8."""
     lines = ["{", ".reg .b32 t, a, base;", "mov.u32 base, global_smem;"]
     for k in range(4):
-        if copies == 32:  # entry stride 256 bytes: [copy offset, byte k, 0, 0]
-            lines.append(f"prmt.b32 a, $8, $9, 0x55{k}4;")
-        else:  # entry stride 128 bytes: (byte k << 7) | copy offset
-            shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
-            lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]
+        shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
+        lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]  # (byte k << 7) | copy offset
         lines += ["add.u32 a, a, base;", f"ld.shared.v2.b32 {{${k}, ${k + 4}}}, [a];"]
     lines.append("}")
     return "\n".join(lines)
@@ -233,52 +230,52 @@ def _byte_lookup_asm(copies: int) -> str:
 
 # 8 outputs; the word; the copy offset.
 _WORD_LOOKUP_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 2))
-_BYTE_LOOKUP_16 = gl.constexpr(_byte_lookup_asm(16))
-_BYTE_LOOKUP_32 = gl.constexpr(_byte_lookup_asm(32))
+_BYTE_LOOKUP = gl.constexpr(_byte_lookup_asm())
+_COPIES = gl.constexpr(BYTE_TABLE_COPIES)
 _LANE = gl.constexpr("mov.u32 $0, %laneid;")
 _PAIR_TABLE_OFFSET = gl.constexpr(PAIR_TABLE_OFFSET)
 
 
 @gluon.jit
-def fill_byte_table(table_ptr, COPIES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Fill shared memory [256, COPIES, 2] int32 with COPIES copies of code_table's byte table per
+def fill_byte_table(table_ptr, NUM_WARPS: gl.constexpr):
+    """Fill shared memory [256, 16, 2] int32 with 16 copies of code_table's byte table per
     entry, and wait for every thread's part. It must be the kernel's only shared-memory buffer
     while `decode_words` reads it at shared offset 0: Triton cannot see those reads, so the
     buffer is live to it only up to its fill."""
     layout: gl.constexpr = gl.BlockedLayout(
-        [1, 1, 2], [32 // COPIES, COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
+        [1, 1, 2], [32 // _COPIES, _COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
     )
     e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
     src = gl.expand_dims(gl.expand_dims(e * 2, 1), 2) + gl.expand_dims(gl.expand_dims(h, 0), 1)
     values = gl.load(table_ptr + _PAIR_TABLE_OFFSET + src)  # [256, 1, 2]
-    values = values + gl.zeros([256, COPIES, 2], gl.int32, layout)  # the copies
+    values = values + gl.zeros([256, _COPIES, 2], gl.int32, layout)  # the copies
     # Allocated, then stored: an allocation initialised in place that nothing Triton can see
     # reads is dropped as dead.
     table = gl.allocate_shared_memory(
-        gl.int32, [256, COPIES, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        gl.int32, [256, _COPIES, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     )
     table.store(values)
     gl.thread_barrier()
 
 
 @gluon.jit
-def lane_copy_offset(like, COPIES: gl.constexpr):
-    """(lane % COPIES) * 8 as an int32 tensor shaped like `like`: the thread's table copy."""
+def lane_copy_offset(like):
+    """(lane % 16) * 8 as an int32 tensor shaped like `like`: the thread's table copy."""
     lane = gl.inline_asm_elementwise(
         _LANE, "=r,r", [gl.zeros_like(like).to(gl.int32)], dtype=gl.int32, is_pure=True, pack=1
     )
-    return (lane % COPIES) * 8
+    return (lane % _COPIES) * 8
 
 
 @gluon.jit
-def decode_words(words, copy_offset, COPIES: gl.constexpr):
+def decode_words(words, copy_offset):
     """int32 words of four packed bytes -> eight fp32 tensors shaped like them: the high-nibble
     codes of bytes 0..3, then the low-nibble ones, through the shared-memory byte table
     (`fill_byte_table`): one 8-byte load per byte."""
     # Not pure: the asm reads shared memory, so it must stay after the barrier that ends the
     # table's fill (a pure asm is free to move across it).
     return gl.inline_asm_elementwise(
-        _BYTE_LOOKUP_32 if COPIES == 32 else _BYTE_LOOKUP_16, _WORD_LOOKUP_CONSTRAINTS,
-        [words, copy_offset], dtype=(gl.float32,) * 8, is_pure=False, pack=1,
+        _BYTE_LOOKUP, _WORD_LOOKUP_CONSTRAINTS, [words, copy_offset], dtype=(gl.float32,) * 8,
+        is_pure=False, pack=1,
     )  # fmt: skip

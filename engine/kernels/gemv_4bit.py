@@ -9,10 +9,10 @@ x. It decodes each byte with one load from a table of code pairs in shared memor
 its 32-value sum by the block's absmax once. Threads and warps tile K; one reduction across
 them per program at the end gives the output.
 
-Two K steps per loop iteration, both steps' words requested before either is decoded; with
-PREFETCH, the next iteration's words are requested before this one's are decoded too, so a
-program keeps bytes in flight while it computes. Words, not bytes, are what the loop carries:
-bytes carried through a loop are re-packed into registers one by one."""
+Two K steps per loop iteration, both steps' words requested before either is decoded. Words,
+not bytes, are what the loop carries: bytes carried through a loop are re-packed into
+registers one by one. (Requesting the next iteration's words before decoding this one's, four
+steps per iteration, and register caps for more programs per SM all measured no faster.)"""
 
 from __future__ import annotations
 
@@ -40,15 +40,14 @@ PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 @gluon.jit
 def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
-    BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, TABLE_COPIES: gl.constexpr,
-    WORD_LAYOUT: gl.constexpr,
+    BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
 ):  # fmt: skip
     """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
     at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
     decodes to a finite code, and its x pair and scale are loaded as zero."""
     pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
     scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
-    h0, h1, h2, h3, l0, l1, l2, l3 = decode_words(words, copy_offset, TABLE_COPIES)
+    h0, h1, h2, h3, l0, l1, l2, l3 = decode_words(words, copy_offset)
     if X_FP16:
         x_even = (pairs & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
         x_odd = (pairs >> 16).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
@@ -98,7 +97,7 @@ def gemv_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
-    TABLE_COPIES: gl.constexpr, PREFETCH: gl.constexpr, PDL: gl.constexpr,
+    PDL: gl.constexpr,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
@@ -169,9 +168,9 @@ def gemv_4bit_kernel(
     first = pid_k * step_words
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
-    fill_byte_table(table_ptr, TABLE_COPIES, gl.num_warps())
+    fill_byte_table(table_ptr, gl.num_warps())
     copy_offset = lane_copy_offset(
-        gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout), TABLE_COPIES
+        gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
     )
     # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
     # kernel before it finishes: everything above reads only the weights, which no kernel
@@ -181,25 +180,17 @@ def gemv_4bit_kernel(
 
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
     for w0 in range(first, half_kw, 2 * stride):
-        if PREFETCH:  # the next iteration's words (masked off past the end: no traffic)
-            ahead = w0 + 2 * stride
-            next0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
-            next1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
         acc = _accumulate(
             acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, TABLE_COPIES, word_layout,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout,
         )  # fmt: skip
         acc = _accumulate(
             acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, TABLE_COPIES, word_layout,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout,
         )  # fmt: skip
-        if PREFETCH:
-            words0 = next0
-            words1 = next1
-        else:
-            ahead = w0 + 2 * stride
-            words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
-            words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
+        ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
+        words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+        words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
     gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
     out = gl.sum(acc, axis=2)
 

@@ -63,19 +63,13 @@ class KernelConfig:
     block_k: int = 0  # gemm, wgmma: values of K per loop step
     split_k: int = 1
     num_warps: int = 4
-    # gemm, wgmma: K steps of copies in flight. mma, gemv (two steps per iteration): 2 = as the
+    # gemm, wgmma: K steps of copies in flight. mma (two steps per iteration): 2 = as the
     # iteration starts; 4 = the next iteration's requested before this one's are decoded.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
     threads_n: int = 1
     warps_n: int = 1
-    # gemv: copies of the byte table in shared memory (decode_4bit.decode_words): 16 (32 KB,
-    # two integer instructions per byte's address) or 32 (64 KB, one).
-    table_copies: int = 16
-    # gemv: a cap on registers per thread (0: the compiler's choice), so that more programs fit
-    # on an SM: 128 lets two 8-warp programs share one.
-    maxnreg: int = 0
     # gemm: W as the dot's left operand (in registers), or the right one (via shared memory).
     # wgmma: W as the MMA's 64-row side (block_n a multiple of 16 * num_warps, block_m of 8),
     # or x (block_m == 16 * num_warps).
@@ -260,10 +254,7 @@ def matmul_4bit(
 def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
     m = x2.shape[0]
     rows, spread = divmod(config.block_n, config.threads_n * config.warps_n)
-    if (
-        spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n
-        or config.table_copies not in (16, 32)
-    ):  # fmt: skip
+    if spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n:
         raise ValueError(f"gemv config {config} does not tile its rows over threads and warps")
     if x2.stride(0) % 2 or x2.data_ptr() % 4:  # pairs must be whole, aligned int32s
         x2 = x2.clone(memory_format=torch.contiguous_format)
@@ -280,8 +271,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
-        TABLE_COPIES=config.table_copies, PREFETCH=config.num_stages > 2, PDL=pdl,
-        num_warps=config.num_warps, maxnreg=config.maxnreg or None, launch_pdl=pdl,
+        PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 

@@ -107,11 +107,8 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
         KernelConfig("gemv", 8, 2, num_warps=8, warps_n=2),
         KernelConfig("gemv", 1, 8, num_warps=8),  # 8 rows a thread
-        # 32 table copies (one prmt per address); the next iteration prefetched; short steps.
-        KernelConfig("gemv", 1, 16, 0, 1, 8, 4, threads_n=4, table_copies=32, maxnreg=128),
-        KernelConfig("gemv", 2, 32, 0, 1, 4, 4, threads_n=4, warps_n=4),
-        KernelConfig("gemv", 8, 32, 0, 1, 8, 4, threads_n=4, warps_n=8, table_copies=32),
-        KernelConfig("gemv", 1, 32, 0, 4, 4, 2, threads_n=8, warps_n=4),  # split K
+        KernelConfig("gemv", 2, 32, num_warps=4, threads_n=4, warps_n=4),  # short K steps
+        KernelConfig("gemv", 1, 32, 0, 4, 4, threads_n=8, warps_n=4),  # split K
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
