@@ -26,7 +26,7 @@ both as bf16 (words 0-7, which the fp32 decoder also widens) and as fp16 (words 
 
 `decode_words` (the GEMV) goes the other way: with the weight bytes the whole cost at batch 1,
 it spends one instruction on a byte's two codes, an 8-byte load of them as fp32 from a table
-of all 256 byte values in shared memory (`fill_byte_table`; 1-2 integer instructions build the
+of all 256 byte values in shared memory (`fill_byte_table`; a shift and a lop3 build the
 address). The table is repeated so that a warp's loads never share a bank; they are exact fp32
 codes."""
 

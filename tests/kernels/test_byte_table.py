@@ -1,0 +1,60 @@
+"""The GEMV's shared-memory byte table, on the host side: what `code_table` hands the kernel and
+the address arithmetic its lookup asm does, checked against bitsandbytes' own code tables. The
+lookup itself runs only on a GPU (tests/kernels/test_matmul_4bit.py); these run in CI."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_byte_table_holds_both_codes_of_every_byte(quant_type):
+    """Entry e of the table the GEMV copies to shared memory is (code[e >> 4], code[e & 15]) in
+    fp32, exactly: a byte's first value is in its high nibble."""
+    from engine.kernels.decode_4bit import PAIR_TABLE_OFFSET, code_table
+
+    code = bnbF.get_4bit_type(quant_type, device="cpu")
+    table = code_table(code, torch.device("cpu"))
+    pairs = table[PAIR_TABLE_OFFSET:].view(torch.float32).view(256, 2)
+    values = code.float()
+    for byte in (0, 1, 0x10, 0x7F, 0xA5, 0xFF):
+        assert pairs[byte, 0] == values[byte >> 4] and pairs[byte, 1] == values[byte & 15]
+    expected = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
+    assert torch.equal(pairs, expected)
+
+
+def _lookup_addresses(asm: str, word: int, copy_offset: int) -> list[int]:
+    """The shared-memory offsets the lookup asm loads from for one word, by evaluating its
+    integer instructions (shl/shr, then lop3 0xea = (a & b) | c)."""
+    addresses = []
+    t = 0
+    for line in asm.splitlines():
+        if m := re.match(r"shl\.b32 t, \$8, (\d+);", line):
+            t = (word << int(m.group(1))) & 0xFFFFFFFF
+        elif m := re.match(r"shr\.u32 t, \$8, (\d+);", line):
+            t = word >> int(m.group(1))
+        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$9, 0xea;", line):
+            addresses.append((t & int(m.group(1), 16)) | copy_offset)
+    return addresses
+
+
+def test_lookup_addresses_match_the_filled_layout():
+    """The asm must read entry `byte k of the word` from the thread's copy, as fill_byte_table
+    lays the table out ([256 entries, 16 copies, 2 fp32] row-major), for every byte value and
+    every lane."""
+    from engine.kernels.decode_4bit import BYTE_TABLE_COPIES, _byte_lookup_asm
+
+    asm = _byte_lookup_asm()
+    assert asm.count("ld.shared.v2.b32") == 4
+    entry_bytes = BYTE_TABLE_COPIES * 2 * 4
+    for lane in range(32):
+        copy_offset = (lane % BYTE_TABLE_COPIES) * 8
+        for word in (0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x80FF7F01):
+            wanted = [((word >> (8 * k)) & 0xFF) * entry_bytes + copy_offset for k in range(4)]
+            assert _lookup_addresses(asm, word, copy_offset) == wanted
