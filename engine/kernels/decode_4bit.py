@@ -1,13 +1,14 @@
-"""Decoding bitsandbytes' 4-bit bytes in registers, for the fused matmul kernels.
+"""Decoding bitsandbytes' 4-bit bytes for the fused matmul kernels: in registers (the tensor-core
+kernels, the portable Triton kernel) or from a byte table in shared memory (the GEMV, below).
 
-A byte holds two codes (the first value in the high nibble). Rather than look them up in a table
-in memory (one load per byte, which is what bounds a naive kernel), the 16 codes are held, as
-bf16, in eight 32-bit registers: their high bytes in four, their low bytes in four (`code_table`
-builds them; kernels load them once, so the compiler keeps them in registers instead of
-re-creating constants). `prmt` (byte permute) picks four table bytes at once by four 3-bit
-indices; a third `prmt` chooses, per byte, the table half the fourth index bit names. Two more
-interleave high and low bytes into bf16 pairs. Four packed bytes become eight codes, as fp32, in
-about 28 integer instructions, with no memory traffic.
+A byte holds two codes (the first value in the high nibble). The register decoders look them
+up without touching memory: the 16 codes are held, as bf16, in eight 32-bit registers, their
+high bytes in four, their low bytes in four (`code_table` builds them; kernels load them once,
+so the compiler keeps them in registers instead of re-creating constants). `prmt` (byte
+permute) picks four table bytes at once by four 3-bit indices; a third `prmt` chooses, per
+byte, the table half the fourth index bit names. Two more interleave high and low bytes into
+bf16 pairs. Four packed bytes become eight codes, as fp32, in about 28 integer instructions,
+with no memory traffic.
 
 The portable Triton kernel (`gemm_4bit.py`) runs `DECODE_ASM` through
 `inline_asm_elementwise` with `pack=4` and arguments
@@ -65,11 +66,11 @@ def _table_words(code: tuple[float, ...], dtype: torch.dtype) -> list[int]:
 def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoders' int32 words: eight for the codes as bf16 (high
     bytes, then low bytes), eight more for them as fp16; repeated 32 times (32 x 16 words), then
-    the byte table the shared-memory decoder copies (`fill_byte_table`). Kernels
-    index the copies by something that varies across a warp's threads (a chunk or row index,
-    mod 32), so each thread loads a table of its own and the compiler keeps it in ordinary
-    registers rather than uniform ones. One read-only tensor
-    per code and device, shared by every layer that uses it."""
+    the byte table (256 fp32 pairs) that the GEMV copies to shared memory (`fill_byte_table`).
+    Register decoders index the 32 copies by something that varies across a warp's threads (a
+    chunk or row index, mod 32), so each thread loads a table of its own and the compiler keeps
+    it in ordinary registers rather than uniform ones. One read-only tensor per code and device,
+    shared by every layer that uses it."""
     return _code_table(tuple(code.float().cpu().tolist()), torch.device(device))
 
 

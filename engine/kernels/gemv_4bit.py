@@ -173,8 +173,9 @@ def gemv_4bit_kernel(
         gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
     )
     # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
-    # kernel before it finishes: everything above reads only the weights, which no kernel
-    # writes. From here on it reads x and writes out, so it waits for that kernel to complete.
+    # kernel before it finishes. Everything above reads only the weights and the code table,
+    # which the kernels of a forward pass never write (loading does, before any step); from
+    # here on it reads x and writes out, so it waits for that kernel first.
     if PDL:
         wait_for_prior_kernel()
 

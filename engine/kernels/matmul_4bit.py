@@ -5,7 +5,8 @@ The layout (the same for pre-quantized and in-flight weights): W is [N, K] row-m
 codes per byte (the first value in the high nibble), and one fp32 absmax per `blocksize`
 consecutive values of the flat weight. With K a multiple of the blocksize (`supports`), row n's
 value k has scale absmax[n * K / blocksize + k / blocksize]. A value is code[nibble] * absmax.
-Bytes are decoded in registers (`decode_4bit`).
+Bytes are decoded in registers, or in the GEMV from a byte table in shared memory
+(`decode_4bit`).
 
 Three kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
