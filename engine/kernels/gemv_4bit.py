@@ -18,20 +18,9 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.language.extra.cuda import gdc_wait
 
 from engine.kernels.decode_4bit import decode_words, fill_byte_table, lane_copy_offset
-
-_GRID_DEPENDENCY_WAIT = gl.constexpr("griddepcontrol.wait; // $0")
-
-
-@gluon.jit
-def wait_for_prior_kernel():
-    """Block until the kernel before this one in the stream has completed and its writes are
-    visible (sm_90 on; a no-op unless this kernel was launched as a programmatic dependent)."""
-    gl.inline_asm_elementwise(
-        _GRID_DEPENDENCY_WAIT, "=r", [], dtype=gl.int32, is_pure=False, pack=1
-    )
-
 
 WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
 PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
@@ -177,7 +166,7 @@ def gemv_4bit_kernel(
     # which the kernels of a forward pass never write (loading does, before any step); from
     # here on it reads x and writes out, so it waits for that kernel first.
     if PDL:
-        wait_for_prior_kernel()
+        gdc_wait()  # griddepcontrol.wait
 
     acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
     for w0 in range(first, half_kw, 2 * stride):

@@ -264,7 +264,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         raise ValueError("the GEMV reads the packed weight as int32 words: align it to 4 bytes")
     words = packed.view(-1).view(torch.int32)  # rows of K/8 words (K is a multiple of 64)
     # Hopper: launched as a programmatic dependent, so its weight loads overlap the end of the
-    # kernel before it (gemv_4bit.wait_for_prior_kernel).
+    # kernel before it (the gdc_wait in gemv_4bit).
     pdl = _capability(x2.device) >= (9, 0)
     grid = (triton.cdiv(n, config.block_n), config.split_k)
     gemv_4bit_kernel[grid](
