@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On one GPU host, for work on the small-batch kernels: their tests, a re-tune of the batch
 # buckets up to 8 (or those in $BUCKETS; the others' entries are kept), the per-layer times at
-# every bucket, and batch-1 decode end to end (nibble only). Results go to $OUT.
+# every bucket, the engine's GPU tests with the new table, and batch-1 decode end to end
+# (nibble only). Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 BUCKETS=${BUCKETS:-1 2 4 8}
@@ -16,6 +17,10 @@ timeout 300 python3 benchmarks/tune_matmul_4bit.py --buckets $BUCKETS --out-dir 
 cp engine/kernels/configs/*.json "$OUT/"
 timeout 100 python3 benchmarks/linear_4bit.py --out "$OUT/linear_4bit_h200.json" 2>&1 | tail -8 \
   | tee "$OUT/linear_4bit.log"
+# The engine's GPU tests (greedy tokens against transformers + bitsandbytes) on the new table.
+timeout 150 python3 -m pytest tests/engine/test_gpu_kernels.py tests/engine/test_gpu.py -q \
+  -p no:cacheprovider > "$OUT/pytest_engine_gpu.log" 2>&1
+tail -2 "$OUT/pytest_engine_gpu.log"
 python3 benchmarks/make_checkpoint.py --shape llama2-7b --out /tmp/llama2-7b > /dev/null
 cd benchmarks
 timeout 150 python3 offline_throughput.py --model /tmp/llama2-7b --shape llama2-7b --batch-sizes 1 \

@@ -44,13 +44,18 @@ def candidates(m: int) -> list[KernelConfig]:
     if m <= 8:
         bm = triton.next_power_of_2(m)
         for warps, threads_n, warps_n in GEMV_SHAPES:
-            for rows in (1, 2, 4, 8):
+            for rows, half in itertools.product((1, 2, 4, 8), (False, True)):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
                     out.append(
-                        KernelConfig("gemv", bm, block_n, num_warps=warps,
-                                     threads_n=threads_n, warps_n=warps_n)
+                        KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
+                                     warps_n=warps_n, half_table=half)
                     )  # fmt: skip
+    if m <= 8:
+        # Tensor cores fed from the shared-memory byte table, 16 weight rows per warp.
+        # num_stages: K steps per iteration (2 or 4), all their words requested up front.
+        for warps, split, steps in itertools.product((2, 4, 8), (1, 2, 4, 8), (2, 4)):
+            out.append(KernelConfig("table_mma", 8, 16 * warps, 0, split, warps, steps))
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.
@@ -80,7 +85,7 @@ def candidates(m: int) -> list[KernelConfig]:
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
-    hopper = ("wgmma", "mma")
+    hopper = ("wgmma", "mma", "table_mma")
     return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 
@@ -210,7 +215,8 @@ def main() -> None:
         # How each kernel kind fared: its best whole-layer time (us) in this bucket.
         by_kind: dict[str, float] = {}
         for cfg, total in totals.items():
-            by_kind[cfg.kernel] = min(by_kind.get(cfg.kernel, float("inf")), total * 1e3)
+            kind = cfg.kernel + ("-half" if cfg.half_table else "")
+            by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")
 

@@ -48,6 +48,8 @@ WORD_PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 1 + 8))
 TABLE_WORDS = 8  # one table: the codes in one 16-bit type
 TABLE_STRIDE = 16  # words per copy in code_table: the bf16 table, then the fp16 one
 PAIR_TABLE_OFFSET = 32 * TABLE_STRIDE  # where code_table's byte table (256 fp32 pairs) starts
+# Then the 16-bit byte tables (256 int32s each: a byte's two codes as one pair, bf16 then fp16).
+HALF_PAIR_TABLE_OFFSET = PAIR_TABLE_OFFSET + 2 * 256
 
 
 def _words(values: list[int]) -> list[int]:
@@ -66,7 +68,9 @@ def _table_words(code: tuple[float, ...], dtype: torch.dtype) -> list[int]:
 def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoders' int32 words: eight for the codes as bf16 (high
     bytes, then low bytes), eight more for them as fp16; repeated 32 times (32 x 16 words), then
-    the byte table (256 fp32 pairs) that the GEMV copies to shared memory (`fill_byte_table`).
+    the byte table (256 fp32 pairs) that the GEMV copies to shared memory (`fill_byte_table`),
+    then the 16-bit byte tables (256 bf16 pairs, 256 fp16 pairs: the high nibble's code in the
+    low half) that the table MMA kernel copies there (`fill_half_pair_table`).
     Register decoders index the 32 copies by something that varies across a warp's threads (a
     chunk or row index, mod 32), so each thread loads a table of its own and the compiler keeps
     it in ordinary registers rather than uniform ones. One read-only tensor per code and device,
@@ -81,7 +85,12 @@ def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # Then the byte table: for each byte value, (code[high nibble], code[low nibble]) in fp32.
     values = torch.tensor(code, dtype=torch.float32)
     pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
-    return torch.cat([table, pairs.flatten().view(torch.int32)]).to(device)
+    half_pairs = [
+        torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
+        .to(dtype).view(torch.int32).flatten()  # (high code, low code): low half first
+        for dtype in (torch.bfloat16, torch.float16)
+    ]  # fmt: skip
+    return torch.cat([table, pairs.flatten().view(torch.int32), *half_pairs]).to(device)
 
 
 def _lookup(packed: str, first_table_arg: int, half: int, copies: int = 4) -> list[str]:
@@ -261,12 +270,17 @@ def fill_byte_table(table_ptr, NUM_WARPS: gl.constexpr):
 
 
 @gluon.jit
-def lane_copy_offset(like):
-    """(lane % 16) * 8 as an int32 tensor shaped like `like`: the thread's table copy."""
-    lane = gl.inline_asm_elementwise(
+def lane_id(like):
+    """The thread's lane as an int32 tensor shaped like `like`."""
+    return gl.inline_asm_elementwise(
         _LANE, "=r,r", [gl.zeros_like(like).to(gl.int32)], dtype=gl.int32, is_pure=True, pack=1
     )
-    return (lane % _COPIES) * 8
+
+
+@gluon.jit
+def lane_copy_offset(like):
+    """(lane % 16) * 8 as an int32 tensor shaped like `like`: the thread's table copy."""
+    return (lane_id(like) % _COPIES) * 8
 
 
 @gluon.jit
@@ -278,5 +292,60 @@ def decode_words(words, copy_offset):
     # table's fill (a pure asm is free to move across it).
     return gl.inline_asm_elementwise(
         _BYTE_LOOKUP, _WORD_LOOKUP_CONSTRAINTS, [words, copy_offset], dtype=(gl.float32,) * 8,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+# The 16-bit byte table of the table MMA kernel: one int32 per byte value (its two codes as a
+# 16-bit pair), 32 copies (32 KB): lane l reads copy l, so a warp's lookups never share a bank.
+HALF_PAIR_COPIES = 32
+_HALF_PAIR_COPIES = gl.constexpr(HALF_PAIR_COPIES)
+_HALF_PAIR_TABLE_OFFSET = gl.constexpr(HALF_PAIR_TABLE_OFFSET)
+
+
+@gluon.jit
+def fill_half_pair_table(
+    table_ptr, FP16: gl.constexpr, WIDE: gl.constexpr, NUM_WARPS: gl.constexpr
+):
+    """Fill shared memory [256, 32] int32 ([256, 64] if WIDE: 256-byte entries, of which the
+    lookups read the first 128) with 32 copies of code_table's 16-bit byte table (fp16 if FP16,
+    else bf16) per entry, and wait for every thread's part. As with
+    `fill_byte_table`, it must be the kernel's only shared memory while its lookups read it at
+    shared offset 0."""
+    width: gl.constexpr = 2 * _HALF_PAIR_COPIES if WIDE else _HALF_PAIR_COPIES
+    layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NUM_WARPS, 1], [1, 0])
+    e = gl.arange(0, 256, layout=gl.SliceLayout(1, layout))
+    src = table_ptr + _HALF_PAIR_TABLE_OFFSET + (256 if FP16 else 0) + e
+    values = gl.expand_dims(gl.load(src), 1) + gl.zeros([256, width], gl.int32, layout)
+    table = gl.allocate_shared_memory(
+        gl.int32, [256, width], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    table.store(values)
+    gl.thread_barrier()
+
+
+def _half_lookup_asm() -> str:
+    """As `_byte_lookup_asm`, from the 16-bit (fp16) byte table of `fill_half_pair_table`: one
+    4-byte load per byte (entry e of copy l at e * 128 + l * 4; $9 = lane * 4), then both
+    codes widened to fp32."""
+    lines = ["{", ".reg .b32 t, a, base, q;", ".reg .b16 lo, hi;", "mov.u32 base, global_smem;"]
+    for k in range(4):
+        shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
+        lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]  # (byte k << 7) | copy offset
+        lines += ["add.u32 a, a, base;", "ld.shared.b32 q, [a];", "mov.b32 {lo, hi}, q;"]
+        lines += [f"cvt.f32.f16 ${k}, lo;", f"cvt.f32.f16 ${k + 4}, hi;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_HALF_LOOKUP = gl.constexpr(_half_lookup_asm())
+
+
+@gluon.jit
+def decode_words_half(words, copy_offset):
+    """`decode_words` through the fp16 byte table (`fill_half_pair_table`, not wide):
+    `copy_offset` is lane * 4. Half the shared-memory bytes per lookup; codes exact to fp16."""
+    return gl.inline_asm_elementwise(
+        _HALF_LOOKUP, _WORD_LOOKUP_CONSTRAINTS, [words, copy_offset], dtype=(gl.float32,) * 8,
         is_pure=False, pack=1,
     )  # fmt: skip

@@ -20,7 +20,14 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_wait
 
-from engine.kernels.decode_4bit import decode_words, fill_byte_table, lane_copy_offset
+from engine.kernels.decode_4bit import (
+    decode_words,
+    decode_words_half,
+    fill_byte_table,
+    fill_half_pair_table,
+    lane_copy_offset,
+    lane_id,
+)
 
 WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
 PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
@@ -30,13 +37,17 @@ PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
+    HALF_TABLE: gl.constexpr,
 ):  # fmt: skip
     """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
     at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
     decodes to a finite code, and its x pair and scale are loaded as zero."""
     pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
     scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
-    h0, h1, h2, h3, l0, l1, l2, l3 = decode_words(words, copy_offset)
+    if HALF_TABLE:
+        h0, h1, h2, h3, l0, l1, l2, l3 = decode_words_half(words, copy_offset)
+    else:
+        h0, h1, h2, h3, l0, l1, l2, l3 = decode_words(words, copy_offset)
     if X_FP16:
         x_even = (pairs & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
         x_odd = (pairs >> 16).to(gl.uint16).to(gl.float16, bitcast=True).to(gl.float32)
@@ -86,7 +97,7 @@ def gemv_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
-    PDL: gl.constexpr,
+    PDL: gl.constexpr, HALF_TABLE: gl.constexpr,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
@@ -157,10 +168,14 @@ def gemv_4bit_kernel(
     first = pid_k * step_words
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
-    fill_byte_table(table_ptr, gl.num_warps())
-    copy_offset = lane_copy_offset(
-        gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
-    )
+    if HALF_TABLE:  # 4-byte entries, 32 copies: lane l reads copy l
+        fill_half_pair_table(table_ptr, True, False, gl.num_warps())
+        copy_offset = 4 * lane_id(gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout))
+    else:
+        fill_byte_table(table_ptr, gl.num_warps())
+        copy_offset = lane_copy_offset(
+            gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
+        )
     # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
     # kernel before it finishes. Everything above reads only the weights and the code table,
     # which the kernels of a forward pass never write (loading does, before any step); from
@@ -172,11 +187,11 @@ def gemv_4bit_kernel(
     for w0 in range(first, half_kw, 2 * stride):
         acc = _accumulate(
             acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE,
         )  # fmt: skip
         acc = _accumulate(
             acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE,
         )  # fmt: skip
         ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
         words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)

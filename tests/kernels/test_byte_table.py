@@ -1,6 +1,7 @@
-"""The GEMV's shared-memory byte table, on the host side: what `code_table` hands the kernel and
-the address arithmetic its lookup asm does, checked against bitsandbytes' own code tables. The
-lookup itself runs only on a GPU (tests/kernels/test_matmul_4bit.py); these run in CI."""
+"""The shared-memory byte tables of the GEMV and of the table MMA kernel, on the host side: what
+`code_table` hands the kernels and the address arithmetic their lookup asm does, checked against
+bitsandbytes' own code tables. The lookups themselves run only on a GPU
+(tests/kernels/test_matmul_4bit.py); these run in CI."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_byte_table_holds_both_codes_of_every_byte(quant_type):
 
     code = bnbF.get_4bit_type(quant_type, device="cpu")
     table = code_table(code, torch.device("cpu"))
-    pairs = table[PAIR_TABLE_OFFSET:].view(torch.float32).view(256, 2)
+    pairs = table[PAIR_TABLE_OFFSET : PAIR_TABLE_OFFSET + 512].view(torch.float32).view(256, 2)
     values = code.float()
     for byte in (0, 1, 0x10, 0x7F, 0xA5, 0xFF):
         assert pairs[byte, 0] == values[byte >> 4] and pairs[byte, 1] == values[byte & 15]
@@ -44,17 +45,79 @@ def _lookup_addresses(asm: str, word: int, copy_offset: int) -> list[int]:
     return addresses
 
 
-def test_lookup_addresses_match_the_filled_layout():
-    """The asm must read entry `byte k of the word` from the thread's copy, as fill_byte_table
-    lays the table out ([256 entries, 16 copies, 2 fp32] row-major), for every byte value and
-    every lane."""
-    from engine.kernels.decode_4bit import BYTE_TABLE_COPIES, _byte_lookup_asm
+@pytest.mark.parametrize("half", [False, True])
+def test_lookup_addresses_match_the_filled_layout(half):
+    """The asm must read entry `byte k of the word` from the thread's copy, as the fill lays
+    the table out ([256 entries, 16 copies, 2 fp32] row-major, or for the fp16 table
+    [256 entries, 32 copies, 1 pair]), for every byte value and every lane."""
+    from engine.kernels.decode_4bit import (
+        BYTE_TABLE_COPIES,
+        HALF_PAIR_COPIES,
+        _byte_lookup_asm,
+        _half_lookup_asm,
+    )
 
-    asm = _byte_lookup_asm()
-    assert asm.count("ld.shared.v2.b32") == 4
-    entry_bytes = BYTE_TABLE_COPIES * 2 * 4
+    asm = _half_lookup_asm() if half else _byte_lookup_asm()
+    assert asm.count("ld.shared.b32" if half else "ld.shared.v2.b32") == 4
+    entry_bytes = HALF_PAIR_COPIES * 4 if half else BYTE_TABLE_COPIES * 2 * 4
     for lane in range(32):
-        copy_offset = (lane % BYTE_TABLE_COPIES) * 8
+        copy_offset = lane * 4 if half else (lane % BYTE_TABLE_COPIES) * 8
         for word in (0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x80FF7F01):
             wanted = [((word >> (8 * k)) & 0xFF) * entry_bytes + copy_offset for k in range(4)]
             assert _lookup_addresses(asm, word, copy_offset) == wanted
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_pair_table_is_each_bytes_codes_in_x_type(quant_type, dtype):
+    """Entry e of the table MMA kernel's table is one int32: code[e >> 4] in x's 16-bit type in
+    the low half (the MMA's first value of K), code[e & 15] in the high half."""
+    from engine.kernels.decode_4bit import HALF_PAIR_TABLE_OFFSET, code_table
+
+    code = bnbF.get_4bit_type(quant_type, device="cpu")
+    table = code_table(code, torch.device("cpu"))
+    start = HALF_PAIR_TABLE_OFFSET + (256 if dtype == torch.float16 else 0)
+    words = table[start : start + 256]
+    values = code.float().to(dtype)
+    low = (words & 0xFFFF).to(torch.int16).view(dtype)
+    high = (words >> 16).to(torch.int16).view(dtype)
+    assert torch.equal(low, values.repeat_interleave(16))
+    assert torch.equal(high, values.repeat(16))
+
+
+def _step_addresses(asm: str, words: list[int], offset: int) -> list[int]:
+    """The shared offsets the table MMA step's asm loads from, by evaluating its integer
+    instructions on the four words ($4..$7) and the copy offset ($16)."""
+    regs = {f"${4 + i}": w for i, w in enumerate(words)} | {"$16": offset}
+    addresses = []
+    t = 0
+    for line in asm.splitlines():
+        if m := re.match(r"shl\.b32 t, (\$\d+), (\d+);", line):
+            t = (regs[m.group(1)] << int(m.group(2))) & 0xFFFFFFFF
+        elif m := re.match(r"shr\.u32 t, (\$\d+), (\d+);", line):
+            t = regs[m.group(1)] >> int(m.group(2))
+        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$16, 0xea;", line):
+            addresses.append((t & int(m.group(1), 16)) | offset)
+        elif m := re.match(r"prmt\.b32 a, (\$\d+), \$16, (\d+);", line):
+            both = regs[m.group(1)] | (offset << 32)  # bytes 0-3: the word, 4-7: the offset
+            selector = int(m.group(2))
+            picked = [(both >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF for i in range(4)]
+            addresses.append(sum(b << (8 * i) for i, b in enumerate(picked)))
+    return addresses
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_table_mma_lookups_read_each_bytes_entry_from_the_lanes_copy(wide):
+    """Byte b of word w must be read from entry `that byte` of lane l's copy: e * 128 + l * 4
+    (or e * 256 + l * 4 for the wide table), in word-major, byte order (q[4w + b])."""
+    from engine.kernels.table_mma_4bit import _step_asm
+
+    asm = _step_asm(False, wide)
+    assert asm.count("ld.shared.b32") == 16 and asm.count("mma.sync") == 4
+    entry = 256 if wide else 128
+    for lane in range(32):
+        for words in ([0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF], [0x80FF7F01, 0x10, 0xA5, 0x5A00]):
+            wanted = [
+                ((w >> (8 * b)) & 0xFF) * entry + lane * 4 for w in words for b in range(4)
+            ]  # fmt: skip
+            assert _step_addresses(asm, words, lane * 4) == wanted

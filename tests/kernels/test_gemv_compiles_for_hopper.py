@@ -18,20 +18,23 @@ pytest.importorskip("triton.experimental.gluon")
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
 
-def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int]]:
-    """(block_m, rows, threads_n, warps_n, num_warps) of every GEMV entry of the H200 table."""
+def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool]]:
+    """(block_m, rows, threads_n, warps_n, num_warps, half_table) of every GEMV entry of the
+    H200 table."""
     shapes = set()
     for config in json.loads(TUNED.read_text())["configs"].values():
         if config["kernel"] == "gemv":
             rows = config["block_n"] // (config["threads_n"] * config["warps_n"])
             shapes.add(
                 (config["block_m"], rows, config["threads_n"], config["warps_n"],
-                 config["num_warps"])
+                 config["num_warps"], config.get("half_table", False))
             )  # fmt: skip
     return sorted(shapes)
 
 
-def _compile(block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int):
+def _compile(
+    block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool
+):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -45,7 +48,7 @@ def _compile(block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: i
     }  # fmt: skip
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
-        WARPS_N=warps_n, SPLIT_K=1, PDL=True,
+        WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
@@ -63,10 +66,12 @@ def test_only_the_table_lookups_touch_shared_memory_while_it_is_read(shape):
     from engine.kernels.decode_4bit import BYTE_TABLE_COPIES
 
     kernel = _compile(*shape)
-    assert kernel.metadata.shared == 256 * BYTE_TABLE_COPIES * 2 * 4  # [256, copies, 2 fp32]
+    # [256, 16 copies, 2 fp32] or, the fp16 table, [256, 32 copies, 1 pair]: 32 KB either way.
+    assert kernel.metadata.shared == 256 * BYTE_TABLE_COPIES * 2 * 4 == 256 * 32 * 4
     lines = kernel.asm["ptx"].splitlines()
     barriers = [i for i, line in enumerate(lines) if "bar.sync" in line]
-    lookups = [i for i, line in enumerate(lines) if "ld.shared.v2.b32" in line and "[a]" in line]
+    lookup = "ld.shared.b32 q, [a]" if shape[-1] else "ld.shared.v2.b32"
+    lookups = [i for i, line in enumerate(lines) if lookup in line and "[a]" in line]
     waits = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
     assert lookups and len(waits) == 1
     fill_done = barriers[0]  # the barrier that ends the table's fill
@@ -76,6 +81,6 @@ def test_only_the_table_lookups_touch_shared_memory_while_it_is_read(shape):
     others = [
         line.strip()
         for line in lines[fill_done + 1 : reduction]
-        if shared.search(line) and not ("ld.shared.v2.b32" in line and "[a]" in line)
+        if shared.search(line) and not (lookup in line and "[a]" in line)
     ]
     assert not others, f"shared memory used beside the byte table: {others[:3]}"

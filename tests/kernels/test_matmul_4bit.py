@@ -109,6 +109,12 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 8, num_warps=8),  # 8 rows a thread
         KernelConfig("gemv", 2, 32, num_warps=4, threads_n=4, warps_n=4),  # short K steps
         KernelConfig("gemv", 1, 32, 0, 4, 4, threads_n=8, warps_n=4),  # split K
+        # Through the fp16 code-pair table.
+        KernelConfig("gemv", 1, 16, num_warps=4, threads_n=2, warps_n=2, half_table=True),
+        KernelConfig("gemv", 4, 8, 0, 2, 4, threads_n=2, warps_n=2, half_table=True),  # split K
+        KernelConfig("table_mma", 8, 64, 0, 1, 4),
+        KernelConfig("table_mma", 8, 16, 0, 4, 1, wide_table=True),  # split K
+        KernelConfig("table_mma", 8, 128, 0, 2, 8, 4),  # four steps per iteration
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
