@@ -51,11 +51,6 @@ def candidates(m: int) -> list[KernelConfig]:
                         KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
                                      warps_n=warps_n, half_table=half)
                     )  # fmt: skip
-    if m <= 8:
-        # Tensor cores fed from the shared-memory byte table, 16 weight rows per warp.
-        # num_stages: K steps per iteration (2 or 4), all their words requested up front.
-        for warps, split, steps in itertools.product((2, 4, 8), (1, 2, 4, 8), (2, 4)):
-            out.append(KernelConfig("table_mma", 8, 16 * warps, 0, split, warps, steps))
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.
@@ -85,7 +80,7 @@ def candidates(m: int) -> list[KernelConfig]:
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
-    hopper = ("wgmma", "mma", "table_mma")
+    hopper = ("wgmma", "mma")
     return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 

@@ -70,7 +70,7 @@ def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     bytes, then low bytes), eight more for them as fp16; repeated 32 times (32 x 16 words), then
     the byte table (256 fp32 pairs) that the GEMV copies to shared memory (`fill_byte_table`),
     then the 16-bit byte tables (256 bf16 pairs, 256 fp16 pairs: the high nibble's code in the
-    low half) that the table MMA kernel copies there (`fill_half_pair_table`).
+    low half), of which the GEMV can copy the fp16 one there instead (`fill_half_pair_table`).
     Register decoders index the 32 copies by something that varies across a warp's threads (a
     chunk or row index, mod 32), so each thread loads a table of its own and the compiler keeps
     it in ordinary registers rather than uniform ones. One read-only tensor per code and device,
@@ -296,23 +296,20 @@ def decode_words(words, copy_offset):
     )  # fmt: skip
 
 
-# The 16-bit byte table of the table MMA kernel: one int32 per byte value (its two codes as a
-# 16-bit pair), 32 copies (32 KB): lane l reads copy l, so a warp's lookups never share a bank.
+# The GEMV's 16-bit byte table: one int32 per byte value (its two codes as an fp16 pair), 32
+# copies (32 KB): lane l reads copy l, so a warp's 4-byte lookups never share a bank.
 HALF_PAIR_COPIES = 32
 _HALF_PAIR_COPIES = gl.constexpr(HALF_PAIR_COPIES)
 _HALF_PAIR_TABLE_OFFSET = gl.constexpr(HALF_PAIR_TABLE_OFFSET)
 
 
 @gluon.jit
-def fill_half_pair_table(
-    table_ptr, FP16: gl.constexpr, WIDE: gl.constexpr, NUM_WARPS: gl.constexpr
-):
-    """Fill shared memory [256, 32] int32 ([256, 64] if WIDE: 256-byte entries, of which the
-    lookups read the first 128) with 32 copies of code_table's 16-bit byte table (fp16 if FP16,
-    else bf16) per entry, and wait for every thread's part. As with
+def fill_half_pair_table(table_ptr, FP16: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Fill shared memory [256, 32] int32 with 32 copies of code_table's 16-bit byte table (fp16
+    if FP16, else bf16) per entry, and wait for every thread's part. As with
     `fill_byte_table`, it must be the kernel's only shared memory while its lookups read it at
     shared offset 0."""
-    width: gl.constexpr = 2 * _HALF_PAIR_COPIES if WIDE else _HALF_PAIR_COPIES
+    width: gl.constexpr = _HALF_PAIR_COPIES
     layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NUM_WARPS, 1], [1, 0])
     e = gl.arange(0, 256, layout=gl.SliceLayout(1, layout))
     src = table_ptr + _HALF_PAIR_TABLE_OFFSET + (256 if FP16 else 0) + e
@@ -343,7 +340,7 @@ _HALF_LOOKUP = gl.constexpr(_half_lookup_asm())
 
 @gluon.jit
 def decode_words_half(words, copy_offset):
-    """`decode_words` through the fp16 byte table (`fill_half_pair_table`, not wide):
+    """`decode_words` through the fp16 byte table (`fill_half_pair_table`):
     `copy_offset` is lane * 4. Half the shared-memory bytes per lookup; codes exact to fp16."""
     return gl.inline_asm_elementwise(
         _HALF_LOOKUP, _WORD_LOOKUP_CONSTRAINTS, [words, copy_offset], dtype=(gl.float32,) * 8,

@@ -169,7 +169,7 @@ def gemv_4bit_kernel(
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
     if HALF_TABLE:  # 4-byte entries, 32 copies: lane l reads copy l
-        fill_half_pair_table(table_ptr, True, False, gl.num_warps())
+        fill_half_pair_table(table_ptr, True, gl.num_warps())
         copy_offset = 4 * lane_id(gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout))
     else:
         fill_byte_table(table_ptr, gl.num_warps())

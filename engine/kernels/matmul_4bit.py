@@ -58,7 +58,7 @@ class KernelConfig:
     kernel does not read keep their defaults (threads_n and warps_n: "gemv" only; w_left:
     "gemm" and "wgmma")."""
 
-    kernel: str  # "gemv", "table_mma", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
+    kernel: str  # "gemv", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0  # gemm, wgmma: values of K per loop step
@@ -75,9 +75,6 @@ class KernelConfig:
     # wgmma: W as the MMA's 64-row side (block_n a multiple of 16 * num_warps, block_m of 8),
     # or x (block_m == 16 * num_warps).
     w_left: bool = True
-    # table_mma: 256-byte table entries (64 KB; one prmt builds an address) instead of 128-byte
-    # ones (32 KB; a shift and a lop3).
-    wide_table: bool = False
     # gemv: decode through the table of fp16 code pairs (4 bytes a lookup, then widened) instead
     # of the fp32 one (8 bytes a lookup).
     half_table: bool = False
@@ -149,13 +146,6 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
         return config.block_m >= m
-    if config.kernel == "table_mma":  # 16 weight rows per warp, up to 8 rows of x
-        return (
-            m <= config.block_m == 8
-            and config.block_n == 16 * config.num_warps
-            and config.num_stages in (2, 4)  # steps per iteration
-            and _capability(device) >= (8, 0)
-        )
     if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
         # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
         return (
@@ -243,8 +233,6 @@ def matmul_4bit(
     stride_ok = 0 if split == 1 else m * n
     if config.kernel == "gemv":
         _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
-    elif config.kernel == "table_mma":
-        _launch_table_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     elif config.kernel == "mma":
         _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     elif config.kernel == "wgmma":
@@ -288,27 +276,6 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, num_warps=config.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-
-
-def _launch_table_mma(
-    x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config
-) -> None:
-    from engine.kernels.table_mma_4bit import table_mma_4bit_kernel
-
-    if x2.stride(0) % 2 or x2.data_ptr() % 16:  # 16-byte runs of x pairs
-        x2 = x2.clone(memory_format=torch.contiguous_format)
-    if packed.data_ptr() % 8:
-        raise ValueError("the table MMA kernel reads 8-byte runs of the packed weight: align it")
-    pairs = x2.view(torch.int32)
-    words = packed.view(-1).view(torch.int32)
-    pdl = _capability(x2.device) >= (9, 0)  # see _launch_gemv
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
-    table_mma_4bit_kernel[grid](
-        pairs, words, absmax, table, target, x2.shape[0], n, k, pairs.stride(0), n, stride_ok,
-        k // 8, k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
-        SPLIT_K=config.split_k, STEPS=config.num_stages, WIDE=config.wide_table, PDL=pdl,
-        num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 

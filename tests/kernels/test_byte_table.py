@@ -1,4 +1,4 @@
-"""The shared-memory byte tables of the GEMV and of the table MMA kernel, on the host side: what
+"""The GEMV's shared-memory byte tables (fp32 and fp16 code pairs), on the host side: what
 `code_table` hands the kernels and the address arithmetic their lookup asm does, checked against
 bitsandbytes' own code tables. The lookups themselves run only on a GPU
 (tests/kernels/test_matmul_4bit.py); these run in CI."""
@@ -70,8 +70,8 @@ def test_lookup_addresses_match_the_filled_layout(half):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_pair_table_is_each_bytes_codes_in_x_type(quant_type, dtype):
-    """Entry e of the table MMA kernel's table is one int32: code[e >> 4] in x's 16-bit type in
-    the low half (the MMA's first value of K), code[e & 15] in the high half."""
+    """Entry e of a 16-bit byte table is one int32: code[e >> 4] in the low half (a byte's first
+    value), code[e & 15] in the high half."""
     from engine.kernels.decode_4bit import HALF_PAIR_TABLE_OFFSET, code_table
 
     code = bnbF.get_4bit_type(quant_type, device="cpu")
@@ -83,41 +83,3 @@ def test_half_pair_table_is_each_bytes_codes_in_x_type(quant_type, dtype):
     high = (words >> 16).to(torch.int16).view(dtype)
     assert torch.equal(low, values.repeat_interleave(16))
     assert torch.equal(high, values.repeat(16))
-
-
-def _step_addresses(asm: str, words: list[int], offset: int) -> list[int]:
-    """The shared offsets the table MMA step's asm loads from, by evaluating its integer
-    instructions on the four words ($4..$7) and the copy offset ($16)."""
-    regs = {f"${4 + i}": w for i, w in enumerate(words)} | {"$16": offset}
-    addresses = []
-    t = 0
-    for line in asm.splitlines():
-        if m := re.match(r"shl\.b32 t, (\$\d+), (\d+);", line):
-            t = (regs[m.group(1)] << int(m.group(2))) & 0xFFFFFFFF
-        elif m := re.match(r"shr\.u32 t, (\$\d+), (\d+);", line):
-            t = regs[m.group(1)] >> int(m.group(2))
-        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$16, 0xea;", line):
-            addresses.append((t & int(m.group(1), 16)) | offset)
-        elif m := re.match(r"prmt\.b32 a, (\$\d+), \$16, (\d+);", line):
-            both = regs[m.group(1)] | (offset << 32)  # bytes 0-3: the word, 4-7: the offset
-            selector = int(m.group(2))
-            picked = [(both >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF for i in range(4)]
-            addresses.append(sum(b << (8 * i) for i, b in enumerate(picked)))
-    return addresses
-
-
-@pytest.mark.parametrize("wide", [False, True])
-def test_table_mma_lookups_read_each_bytes_entry_from_the_lanes_copy(wide):
-    """Byte b of word w must be read from entry `that byte` of lane l's copy: e * 128 + l * 4
-    (or e * 256 + l * 4 for the wide table), in word-major, byte order (q[4w + b])."""
-    from engine.kernels.table_mma_4bit import _step_asm
-
-    asm = _step_asm(False, wide)
-    assert asm.count("ld.shared.b32") == 16 and asm.count("mma.sync") == 4
-    entry = 256 if wide else 128
-    for lane in range(32):
-        for words in ([0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF], [0x80FF7F01, 0x10, 0xA5, 0x5A00]):
-            wanted = [
-                ((w >> (8 * b)) & 0xFF) * entry + lane * 4 for w in words for b in range(4)
-            ]  # fmt: skip
-            assert _step_addresses(asm, words, lane * 4) == wanted

@@ -112,9 +112,6 @@ def _kernel_variants() -> list:
         # Through the fp16 code-pair table.
         KernelConfig("gemv", 1, 16, num_warps=4, threads_n=2, warps_n=2, half_table=True),
         KernelConfig("gemv", 4, 8, 0, 2, 4, threads_n=2, warps_n=2, half_table=True),  # split K
-        KernelConfig("table_mma", 8, 64, 0, 1, 4),
-        KernelConfig("table_mma", 8, 16, 0, 4, 1, wide_table=True),  # split K
-        KernelConfig("table_mma", 8, 128, 0, 2, 8, 4),  # four steps per iteration
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
