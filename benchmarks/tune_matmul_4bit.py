@@ -39,11 +39,18 @@ GEMV_SHAPES = [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 1), (4, 2, 1), (4, 4, 1),
                (4, 8, 4), (8, 4, 8)]  # fmt: skip
 
 
-def candidates(m: int) -> list[KernelConfig]:
+def candidates(m: int, kinds: list[str] | None = None) -> list[KernelConfig]:
+    """The launches to measure for M rows (of the kernel kinds in `kinds`, default all)."""
+    out = _all_candidates(m)
+    return [c for c in out if kinds is None or c.kernel in kinds]
+
+
+def _all_candidates(m: int) -> list[KernelConfig]:
     out = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
         for warps, threads_n, warps_n in GEMV_SHAPES:
+            # Through the fp32 or the fp16 byte table.
             for rows, half in itertools.product((1, 2, 4, 8), (False, True)):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("engine/kernels/configs"))
     parser.add_argument("--buckets", type=int, nargs="+", default=list(M_BUCKETS))
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--kernels", nargs="+", help="only these kernel kinds (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
@@ -145,7 +153,7 @@ def main() -> None:
 
     jobs = []
     for m in args.buckets:
-        for cfg in candidates(m):
+        for cfg in candidates(m, args.kernels):
             # One representative shape per K: Triton specializes on divisibility, not size.
             for n, k in {(4096, 4096), (4096, 11008)}:
                 jobs.append((m, (n, k), config_to_json(cfg)))
@@ -166,7 +174,7 @@ def main() -> None:
         }
         totals: dict[KernelConfig, float] = {}
         best: dict[str, tuple[float, KernelConfig]] = {}
-        for cfg in candidates(m):
+        for cfg in candidates(m, args.kernels):
             total = 0.0
             try:
                 for name, (n, k) in LLAMA2_7B.items():
