@@ -48,7 +48,7 @@ WORD_PAIRS_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * (1 + 1 + 8))
 TABLE_WORDS = 8  # one table: the codes in one 16-bit type
 TABLE_STRIDE = 16  # words per copy in code_table: the bf16 table, then the fp16 one
 PAIR_TABLE_OFFSET = 32 * TABLE_STRIDE  # where code_table's byte table (256 fp32 pairs) starts
-# Then the 16-bit byte tables (256 int32s each: a byte's two codes as one pair, bf16 then fp16).
+# Then the fp16 byte table (256 int32s: a byte's two codes as one fp16 pair).
 HALF_PAIR_TABLE_OFFSET = PAIR_TABLE_OFFSET + 2 * 256
 
 
@@ -69,8 +69,8 @@ def code_table(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The 16-entry code table as the decoders' int32 words: eight for the codes as bf16 (high
     bytes, then low bytes), eight more for them as fp16; repeated 32 times (32 x 16 words), then
     the byte table (256 fp32 pairs) that the GEMV copies to shared memory (`fill_byte_table`),
-    then the 16-bit byte tables (256 bf16 pairs, 256 fp16 pairs: the high nibble's code in the
-    low half), of which the GEMV can copy the fp16 one there instead (`fill_half_pair_table`).
+    then the fp16 byte table (256 fp16 pairs: the high nibble's code in the low half), which the
+    GEMV can copy there instead (`fill_half_pair_table`).
     Register decoders index the 32 copies by something that varies across a warp's threads (a
     chunk or row index, mod 32), so each thread loads a table of its own and the compiler keeps
     it in ordinary registers rather than uniform ones. One read-only tensor per code and device,
@@ -85,12 +85,9 @@ def _code_table(code: tuple[float, ...], device: torch.device) -> torch.Tensor:
     # Then the byte table: for each byte value, (code[high nibble], code[low nibble]) in fp32.
     values = torch.tensor(code, dtype=torch.float32)
     pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
-    half_pairs = [
-        torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=1)
-        .to(dtype).view(torch.int32).flatten()  # (high code, low code): low half first
-        for dtype in (torch.bfloat16, torch.float16)
-    ]  # fmt: skip
-    return torch.cat([table, pairs.flatten().view(torch.int32), *half_pairs]).to(device)
+    # The same as fp16 pairs, one int32 each: (high code, low code), low half first.
+    half_pairs = pairs.to(torch.float16).view(torch.int32).flatten()
+    return torch.cat([table, pairs.flatten().view(torch.int32), half_pairs]).to(device)
 
 
 def _lookup(packed: str, first_table_arg: int, half: int, copies: int = 4) -> list[str]:
@@ -225,15 +222,21 @@ def decode_word_pairs(words, scale, t0, t1, t2, t3, t4, t5, t6, t7, FP16: gl.con
 BYTE_TABLE_COPIES = 16
 
 
+def _entry_address(k: int) -> list[str]:
+    """Asm setting `a` to the shared address of byte k of the word $8's entry in this thread's
+    copy ($9: the copy's offset) of a table of 128-byte entries at shared offset 0."""
+    shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
+    # (byte k << 7) | copy offset, then the start of shared memory.
+    return [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;", "add.u32 a, a, base;"]
+
+
 def _byte_lookup_asm() -> str:
     """$0..$3: the high-nibble codes (fp32) of bytes 0..3 of the word $8, $4..$7 the low-nibble
     ones; $9: this thread's copy's offset ((lane % 16) * 8) in the table at the start of shared
     memory. Entry e of copy c is at e * 128 + c * 8."""
     lines = ["{", ".reg .b32 t, a, base;", "mov.u32 base, global_smem;"]
     for k in range(4):
-        shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
-        lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]  # (byte k << 7) | copy offset
-        lines += ["add.u32 a, a, base;", f"ld.shared.v2.b32 {{${k}, ${k + 4}}}, [a];"]
+        lines += _entry_address(k) + [f"ld.shared.v2.b32 {{${k}, ${k + 4}}}, [a];"]
     lines.append("}")
     return "\n".join(lines)
 
@@ -247,26 +250,38 @@ _PAIR_TABLE_OFFSET = gl.constexpr(PAIR_TABLE_OFFSET)
 
 
 @gluon.jit
+def _fill_table(
+    table_ptr, OFFSET: gl.constexpr, COPIES: gl.constexpr, ENTRY_WORDS: gl.constexpr,
+    NUM_WARPS: gl.constexpr,
+):  # fmt: skip
+    """Fill shared memory [256, COPIES, ENTRY_WORDS] int32 with COPIES copies of each of
+    code_table's 256 byte entries (ENTRY_WORDS int32s each, from OFFSET), and wait for every
+    thread's part."""
+    layout: gl.constexpr = gl.BlockedLayout(
+        [1, 1, ENTRY_WORDS], [32 // COPIES, COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
+    )
+    e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    h = gl.arange(0, ENTRY_WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    src = gl.expand_dims(gl.expand_dims(e * ENTRY_WORDS, 1), 2)
+    src = src + gl.expand_dims(gl.expand_dims(h, 0), 1)
+    values = gl.load(table_ptr + OFFSET + src)  # [256, 1, ENTRY_WORDS]
+    values = values + gl.zeros([256, COPIES, ENTRY_WORDS], gl.int32, layout)  # the copies
+    # Allocated, then stored: an allocation initialised in place that nothing Triton can see
+    # reads is dropped as dead.
+    table = gl.allocate_shared_memory(
+        gl.int32, [256, COPIES, ENTRY_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    )
+    table.store(values)
+    gl.thread_barrier()
+
+
+@gluon.jit
 def fill_byte_table(table_ptr, NUM_WARPS: gl.constexpr):
     """Fill shared memory [256, 16, 2] int32 with 16 copies of code_table's byte table per
     entry, and wait for every thread's part. It must be the kernel's only shared-memory buffer
     while `decode_words` reads it at shared offset 0: Triton cannot see those reads, so the
     buffer is live to it only up to its fill."""
-    layout: gl.constexpr = gl.BlockedLayout(
-        [1, 1, 2], [32 // _COPIES, _COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
-    )
-    e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
-    h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
-    src = gl.expand_dims(gl.expand_dims(e * 2, 1), 2) + gl.expand_dims(gl.expand_dims(h, 0), 1)
-    values = gl.load(table_ptr + _PAIR_TABLE_OFFSET + src)  # [256, 1, 2]
-    values = values + gl.zeros([256, _COPIES, 2], gl.int32, layout)  # the copies
-    # Allocated, then stored: an allocation initialised in place that nothing Triton can see
-    # reads is dropped as dead.
-    table = gl.allocate_shared_memory(
-        gl.int32, [256, _COPIES, 2], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    )
-    table.store(values)
-    gl.thread_barrier()
+    _fill_table(table_ptr, _PAIR_TABLE_OFFSET, _COPIES, 2, NUM_WARPS)
 
 
 @gluon.jit
@@ -304,21 +319,11 @@ _HALF_PAIR_TABLE_OFFSET = gl.constexpr(HALF_PAIR_TABLE_OFFSET)
 
 
 @gluon.jit
-def fill_half_pair_table(table_ptr, FP16: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Fill shared memory [256, 32] int32 with 32 copies of code_table's 16-bit byte table (fp16
-    if FP16, else bf16) per entry, and wait for every thread's part. As with
-    `fill_byte_table`, it must be the kernel's only shared memory while its lookups read it at
-    shared offset 0."""
-    width: gl.constexpr = _HALF_PAIR_COPIES
-    layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NUM_WARPS, 1], [1, 0])
-    e = gl.arange(0, 256, layout=gl.SliceLayout(1, layout))
-    src = table_ptr + _HALF_PAIR_TABLE_OFFSET + (256 if FP16 else 0) + e
-    values = gl.expand_dims(gl.load(src), 1) + gl.zeros([256, width], gl.int32, layout)
-    table = gl.allocate_shared_memory(
-        gl.int32, [256, width], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    )
-    table.store(values)
-    gl.thread_barrier()
+def fill_half_pair_table(table_ptr, NUM_WARPS: gl.constexpr):
+    """Fill shared memory [256, 32, 1] int32 with 32 copies of code_table's fp16 byte table per
+    entry, and wait for every thread's part. As with `fill_byte_table`, it must be the
+    kernel's only shared memory while its lookups read it at shared offset 0."""
+    _fill_table(table_ptr, _HALF_PAIR_TABLE_OFFSET, _HALF_PAIR_COPIES, 1, NUM_WARPS)
 
 
 def _half_lookup_asm() -> str:
@@ -327,9 +332,7 @@ def _half_lookup_asm() -> str:
     codes widened to fp32."""
     lines = ["{", ".reg .b32 t, a, base, q;", ".reg .b16 lo, hi;", "mov.u32 base, global_smem;"]
     for k in range(4):
-        shift = "shl.b32 t, $8, 7;" if k == 0 else f"shr.u32 t, $8, {8 * k - 7};"
-        lines += [shift, "lop3.b32 a, t, 0x7f80, $9, 0xea;"]  # (byte k << 7) | copy offset
-        lines += ["add.u32 a, a, base;", "ld.shared.b32 q, [a];", "mov.b32 {lo, hi}, q;"]
+        lines += _entry_address(k) + ["ld.shared.b32 q, [a];", "mov.b32 {lo, hi}, q;"]
         lines += [f"cvt.f32.f16 ${k}, lo;", f"cvt.f32.f16 ${k + 4}, hi;"]
     lines.append("}")
     return "\n".join(lines)

@@ -4,10 +4,11 @@ on them shows.
 
 Each thread owns 16 consecutive bytes (32 values, all under one absmax) of `ROWS` weight rows
 per step, loaded as four int32 words, and the matching 16 (x[2i], x[2i+1]) pairs of every row of
-x. It decodes each byte with one load from a table of code pairs in shared memory
-(`decode_4bit.decode_words`), multiplies in fp32 as a chain of fused multiply-adds, and scales
-its 32-value sum by the block's absmax once. Threads and warps tile K; one reduction across
-them per program at the end gives the output.
+x. It decodes each byte with one load from a table of code pairs in shared memory, fp32 pairs
+(`decode_4bit.decode_words`) or fp16 ones widened in registers (`HALF_TABLE`, half the bytes a
+lookup; `decode_4bit.decode_words_half`), multiplies in fp32 as a chain of fused
+multiply-adds, and scales its 32-value sum by the block's absmax once. Threads and warps tile
+K; one reduction across them per program at the end gives the output.
 
 Two K steps per loop iteration, both steps' words requested before either is decoded. Words,
 not bytes, are what the loop carries: bytes carried through a loop are re-packed into
@@ -168,14 +169,13 @@ def gemv_4bit_kernel(
     first = pid_k * step_words
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
+    like_words = gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
     if HALF_TABLE:  # 4-byte entries, 32 copies: lane l reads copy l
-        fill_half_pair_table(table_ptr, True, gl.num_warps())
-        copy_offset = 4 * lane_id(gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout))
+        fill_half_pair_table(table_ptr, gl.num_warps())
+        copy_offset = 4 * lane_id(like_words)
     else:
         fill_byte_table(table_ptr, gl.num_warps())
-        copy_offset = lane_copy_offset(
-            gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
-        )
+        copy_offset = lane_copy_offset(like_words)
     # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
     # kernel before it finishes. Everything above reads only the weights and the code table,
     # which the kernels of a forward pass never write (loading does, before any step); from
