@@ -50,13 +50,14 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     if m <= 8:
         bm = triton.next_power_of_2(m)
         for warps, threads_n, warps_n in GEMV_SHAPES:
-            # Through the fp32 or the fp16 byte table.
-            for rows, half in itertools.product((1, 2, 4, 8), (False, True)):
+            # Through the fp32 or the fp16 byte table, or (one row of x) packed fp16 FMAs.
+            tables = ((False, False), (True, False)) + (((True, True),) if bm == 1 else ())
+            for rows, (half, packed) in itertools.product((1, 2, 4, 8), tables):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
                     out.append(
                         KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
-                                     warps_n=warps_n, half_table=half)
+                                     warps_n=warps_n, half_table=half, packed_fma=packed)
                     )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
@@ -219,6 +220,7 @@ def main() -> None:
         by_kind: dict[str, float] = {}
         for cfg, total in totals.items():
             kind = cfg.kernel + ("-half" if cfg.half_table else "")
+            kind += "-packed" if cfg.packed_fma else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

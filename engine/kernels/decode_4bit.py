@@ -349,3 +349,49 @@ def decode_words_half(words, copy_offset):
         _HALF_LOOKUP, _WORD_LOOKUP_CONSTRAINTS, [words, copy_offset], dtype=(gl.float32,) * 8,
         is_pure=False, pack=1,
     )  # fmt: skip
+
+
+def _half2_word_asm() -> str:
+    """$0: the f16x2 sum of byte b's code pair times x pair $(3 + b) over the four bytes of word
+    $1 (even values in the low half, odd in the high), through the fp16 byte table
+    (`fill_half_pair_table`; $2 = lane * 4): per byte a shift, a lop3, one 4-byte load and one
+    packed fp16 fused multiply-add."""
+    lines = ["{", ".reg .b32 t, a, base, q, s;", "mov.u32 base, global_smem;"]
+    for k in range(4):
+        shift = "shl.b32 t, $1, 7;" if k == 0 else f"shr.u32 t, $1, {8 * k - 7};"
+        lines += [shift, "lop3.b32 a, t, 0x7f80, $2, 0xea;"]  # (byte k << 7) | copy offset
+        lines += ["add.u32 a, a, base;", "ld.shared.b32 q, [a];"]
+        lines.append(
+            f"mul.rn.f16x2 s, q, ${3 + k};" if k == 0 else f"fma.rn.f16x2 s, q, ${3 + k}, s;"
+        )
+    lines += ["mov.b32 $0, s;", "}"]
+    return "\n".join(lines)
+
+
+_HALF2_WORD = gl.constexpr(_half2_word_asm())
+_HALF2_SUM = gl.constexpr(
+    "{ .reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; "
+    "cvt.f32.f16 b, h; add.f32 $0, a, b; }"
+)
+_TO_HALF2 = gl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")  # (even, odd) fp32 -> f16x2
+
+
+@gluon.jit
+def dot_word_half2(words, copy_offset, x0, x1, x2, x3):
+    """Per word: sum over its 4 bytes of (both codes) . (the matching f16x2 x pair), packed fp16
+    multiply-adds, returned as fp32 (the two halves added). All arguments share one shape."""
+    s = gl.inline_asm_elementwise(
+        _HALF2_WORD, "=r,r,r,r,r,r,r", [words, copy_offset, x0, x1, x2, x3], dtype=gl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip
+    return gl.inline_asm_elementwise(
+        _HALF2_SUM, "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
+    )
+
+
+@gluon.jit
+def to_half2(even, odd):
+    """fp32 (even, odd) -> one f16x2 register (even in the low half)."""
+    return gl.inline_asm_elementwise(
+        _TO_HALF2, "=r,r,r", [even, odd], dtype=gl.int32, is_pure=True, pack=1
+    )

@@ -24,10 +24,12 @@ from triton.language.extra.cuda import gdc_wait
 from engine.kernels.decode_4bit import (
     decode_words,
     decode_words_half,
+    dot_word_half2,
     fill_byte_table,
     fill_half_pair_table,
     lane_copy_offset,
     lane_id,
+    to_half2,
 )
 
 WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
@@ -38,13 +40,15 @@ PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
-    HALF_TABLE: gl.constexpr,
+    HALF_TABLE: gl.constexpr, HALF2: gl.constexpr,
 ):  # fmt: skip
     """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
     at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
     decodes to a finite code, and its x pair and scale are loaded as zero."""
     pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
     scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
+    if HALF2:
+        return _accumulate_half2(acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT)
     if HALF_TABLE:
         h0, h1, h2, h3, l0, l1, l2, l3 = decode_words_half(words, copy_offset)
     else:
@@ -73,6 +77,29 @@ def _accumulate(
 
 
 @gluon.jit
+def _accumulate_half2(
+    acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr
+):  # fmt: skip
+    """`_accumulate` in packed fp16: each byte's code pair (the fp16 table) meets its x pair in
+    one f16x2 fused multiply-add, four bytes a chain, each word's sum widened to fp32 once.
+    x must fit fp16 (|x| < 65504)."""
+    if X_FP16:
+        xp = pairs
+    else:  # bf16 pairs -> f16x2
+        xp = to_half2((pairs << 16).to(gl.float32, bitcast=True),
+                      (pairs & -65536).to(gl.float32, bitcast=True))  # fmt: skip
+    x_layout: gl.constexpr = gl.SliceLayout(1, WORD_LAYOUT)
+    p0, p2, p1, p3 = _quarters(xp, x_layout)  # pair 4w + b meets byte b of word w
+    w4, p0 = gl.broadcast(gl.expand_dims(words, 0), gl.expand_dims(p0, 1))
+    _, p1 = gl.broadcast(w4, gl.expand_dims(p1, 1))
+    _, p2 = gl.broadcast(w4, gl.expand_dims(p2, 1))
+    _, p3 = gl.broadcast(w4, gl.expand_dims(p3, 1))
+    _, offsets = gl.broadcast(w4, gl.expand_dims(copy_offset, 0))
+    sums = gl.sum(dot_word_half2(w4, offsets, p0, p1, p2, p3), axis=3)
+    return acc + gl.convert_layout(sums, acc.type.layout) * gl.expand_dims(scale, 0)
+
+
+@gluon.jit
 def _halves(t):
     """[a, b, 2j] -> positions 0, 2, 4... and 1, 3, 5... of the last axis, which lives in each
     thread's registers: free."""
@@ -98,7 +125,7 @@ def gemv_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
-    PDL: gl.constexpr, HALF_TABLE: gl.constexpr,
+    PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
@@ -170,7 +197,7 @@ def gemv_4bit_kernel(
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
     like_words = gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
-    if HALF_TABLE:  # 4-byte entries, 32 copies: lane l reads copy l
+    if HALF_TABLE or HALF2:  # 4-byte entries, 32 copies: lane l reads copy l
         fill_half_pair_table(table_ptr, gl.num_warps())
         copy_offset = 4 * lane_id(like_words)
     else:
@@ -187,11 +214,11 @@ def gemv_4bit_kernel(
     for w0 in range(first, half_kw, 2 * stride):
         acc = _accumulate(
             acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
         )  # fmt: skip
         acc = _accumulate(
             acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE,
+            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
         )  # fmt: skip
         ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
         words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)

@@ -78,6 +78,9 @@ class KernelConfig:
     # gemv: decode through the table of fp16 code pairs (4 bytes a lookup, then widened) instead
     # of the fp32 one (8 bytes a lookup).
     half_table: bool = False
+    # gemv, one row of x: the fp16 table's code pairs meet x's pairs in packed fp16 fused
+    # multiply-adds (f16x2), four bytes a chain, each word's sum widened once. x must fit fp16.
+    packed_fma: bool = False
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -145,7 +148,7 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
-        return config.block_m >= m
+        return config.block_m >= m and (config.block_m == 1 or not config.packed_fma)
     if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
         # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
         return (
@@ -275,7 +278,8 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
-        PDL=pdl, HALF_TABLE=config.half_table, num_warps=config.num_warps, launch_pdl=pdl,
+        PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
+        num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 

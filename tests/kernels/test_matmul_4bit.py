@@ -112,6 +112,13 @@ def _kernel_variants() -> list:
         # Through the fp16 code-pair table.
         KernelConfig("gemv", 1, 16, num_warps=4, threads_n=2, warps_n=2, half_table=True),
         KernelConfig("gemv", 4, 8, 0, 2, 4, threads_n=2, warps_n=2, half_table=True),  # split K
+        # Packed fp16 multiply-adds (one row of x).
+        KernelConfig(
+            "gemv", 1, 16, num_warps=4, threads_n=2, warps_n=2, half_table=True, packed_fma=True
+        ),
+        KernelConfig(
+            "gemv", 1, 32, 0, 4, 4, threads_n=8, warps_n=4, half_table=True, packed_fma=True
+        ),  # split K
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
