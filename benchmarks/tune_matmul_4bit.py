@@ -55,10 +55,13 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             for rows, (half, packed) in itertools.product((1, 2, 4, 8), tables):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
-                    out.append(
-                        KernelConfig("gemv", bm, block_n, num_warps=warps, threads_n=threads_n,
-                                     warps_n=warps_n, half_table=half, packed_fma=packed)
-                    )  # fmt: skip
+                    # Persistent programs (a few per SM) for the packed launches.
+                    for per_sm in (0, 1, 2, 4) if packed else (0,):
+                        out.append(
+                            KernelConfig("gemv", bm, block_n, num_warps=warps,
+                                         threads_n=threads_n, warps_n=warps_n, half_table=half,
+                                         packed_fma=packed, programs_per_sm=per_sm)
+                        )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.
@@ -221,6 +224,7 @@ def main() -> None:
         for cfg, total in totals.items():
             kind = cfg.kernel + ("-half" if cfg.half_table else "")
             kind += "-packed" if cfg.packed_fma else ""
+            kind += "-persistent" if cfg.programs_per_sm else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

@@ -256,7 +256,7 @@ def _fill_table(
 ):  # fmt: skip
     """Fill shared memory [256, COPIES, ENTRY_WORDS] int32 with COPIES copies of each of
     code_table's 256 byte entries (ENTRY_WORDS int32s each, from OFFSET), and wait for every
-    thread's part."""
+    thread's part. Returns the buffer (for `keep_table_live`)."""
     layout: gl.constexpr = gl.BlockedLayout(
         [1, 1, ENTRY_WORDS], [32 // COPIES, COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
     )
@@ -273,6 +273,7 @@ def _fill_table(
     )
     table.store(values)
     gl.thread_barrier()
+    return table
 
 
 @gluon.jit
@@ -281,7 +282,31 @@ def fill_byte_table(table_ptr, NUM_WARPS: gl.constexpr):
     entry, and wait for every thread's part. It must be the kernel's only shared-memory buffer
     while `decode_words` reads it at shared offset 0: Triton cannot see those reads, so the
     buffer is live to it only up to its fill."""
-    _fill_table(table_ptr, _PAIR_TABLE_OFFSET, _COPIES, 2, NUM_WARPS)
+    return _fill_table(table_ptr, _PAIR_TABLE_OFFSET, _COPIES, 2, NUM_WARPS)
+
+
+@gluon.jit
+def keep_table_live(table, table_ptr, never, NUM_WARPS: gl.constexpr):
+    """A read of the table that Triton can see, in a branch taken only if `never` (a runtime
+    value the caller knows is false): to Triton's allocator the table is then live up to here,
+    so no other shared buffer (a reduction's scratch) is placed on it before this point."""
+    if never:
+        entries: gl.constexpr = table.shape[0]
+        copies: gl.constexpr = table.shape[1]
+        words: gl.constexpr = table.shape[2]
+        layout: gl.constexpr = gl.BlockedLayout(  # as _fill_table's
+            [1, 1, words], [32 // copies, copies, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
+        )
+        values = table.load(layout)
+        e = gl.arange(0, entries, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+        c = gl.arange(0, copies, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+        w = gl.arange(0, words, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+        offsets = (
+            gl.expand_dims(gl.expand_dims(e * (copies * words), 1), 2)
+            + gl.expand_dims(gl.expand_dims(c * words, 0), 2)
+            + gl.expand_dims(gl.expand_dims(w, 0), 1)
+        )
+        gl.store(table_ptr + offsets, values)
 
 
 @gluon.jit
@@ -323,7 +348,7 @@ def fill_half_pair_table(table_ptr, NUM_WARPS: gl.constexpr):
     """Fill shared memory [256, 32, 1] int32 with 32 copies of code_table's fp16 byte table per
     entry, and wait for every thread's part. As with `fill_byte_table`, it must be the
     kernel's only shared memory while its lookups read it at shared offset 0."""
-    _fill_table(table_ptr, _HALF_PAIR_TABLE_OFFSET, _HALF_PAIR_COPIES, 1, NUM_WARPS)
+    return _fill_table(table_ptr, _HALF_PAIR_TABLE_OFFSET, _HALF_PAIR_COPIES, 1, NUM_WARPS)
 
 
 def _half_lookup_asm() -> str:

@@ -27,6 +27,7 @@ from engine.kernels.decode_4bit import (
     dot_word_half2,
     fill_byte_table,
     fill_half_pair_table,
+    keep_table_live,
     lane_copy_offset,
     lane_id,
     to_half2,
@@ -120,15 +121,58 @@ def _quarters(t, layout: gl.constexpr):
 
 
 @gluon.jit
+def _row_pointers(
+    w_ptr, absmax_ptr, n0, N, stride_w, stride_a, BLOCKSIZE: gl.constexpr, block_n: gl.constexpr,
+    chunks: gl.constexpr, w_layout: gl.constexpr, scale_layout: gl.constexpr,
+):  # fmt: skip
+    """The weight words' and absmaxes' pointers of rows n0.. of one program's block. Rows past N
+    re-read the last row and are never stored. One absmax per (row, chunk): the block of the
+    chunk's first value (8 values a word)."""
+    w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
+    w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
+    w_rows = gl.minimum(n0 + w_n, N - 1)
+    w_chunk = gl.expand_dims(gl.expand_dims(w_c * WORDS_PER_THREAD, 0), 2)  # [1, chunk, 1]
+    w_ptrs = (
+        w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
+        + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
+    )  # fmt: skip
+    s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
+    s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
+    s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
+    scale_ptrs = (
+        absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
+        + (8 * s_chunk) // BLOCKSIZE
+    )  # fmt: skip
+    return w_ptrs, scale_ptrs
+
+
+@gluon.jit
+def _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr):
+    """Sum the program's partial sums over K's threads and store rows n0.. of out."""
+    out = gl.sum(acc, axis=2)
+    o_m = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out_layout))
+    o_n = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, out_layout))
+    o_ptrs = (
+        out_ptr + pid_k * stride_ok + gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
+    )
+    o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
+    gl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+@gluon.jit
 def gemv_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
+    PERSISTENT: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
-    stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]."""
+    stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
+    smaller than the row blocks; each program takes blocks pid, pid + grid, ... and requests
+    the next block's first words while it finishes the current one."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
@@ -158,16 +202,14 @@ def gemv_4bit_kernel(
     pid_k = gl.program_id(1)
     n0 = pid_n * block_n
 
-    # Weight words: rows past N re-read the last row and are never stored. Masks are per
-    # 16-byte chunk (K is a multiple of 64), so each load stays one 128-bit access.
-    w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
+    # Masks are per 16-byte chunk (K is a multiple of 64), so each load stays one 128-bit access.
     w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
-    w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    w_rows = gl.minimum(n0 + w_n, N - 1)
     w_chunk = gl.expand_dims(gl.expand_dims(w_c * WORDS_PER_THREAD, 0), 2)  # [1, chunk, 1]
-    w_ptrs = (
-        w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
-        + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
+    s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
+    s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
+    w_ptrs, scale_ptrs = _row_pointers(
+        w_ptr, absmax_ptr, n0, N, stride_w, stride_a, BLOCKSIZE, block_n, chunks, w_layout,
+        scale_layout,
     )  # fmt: skip
 
     # x pairs of the same chunks, four per word (pair offset = 4 * word offset).
@@ -181,15 +223,6 @@ def gemv_4bit_kernel(
         + gl.expand_dims(gl.expand_dims(x_p, 0), 1)
     )  # fmt: skip
 
-    # One absmax per (row, chunk): the block of the chunk's first value (8 values a word).
-    s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
-    s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
-    s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
-    scale_ptrs = (
-        absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
-        + (8 * s_chunk) // BLOCKSIZE
-    )  # fmt: skip
-
     half_kw = K // 8  # words per row
     stride = step_words * SPLIT_K
     # The first iteration's words are requested before the table is filled, to overlap it.
@@ -198,10 +231,10 @@ def gemv_4bit_kernel(
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
     like_words = gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
     if HALF_TABLE or HALF2:  # 4-byte entries, 32 copies: lane l reads copy l
-        fill_half_pair_table(table_ptr, gl.num_warps())
+        table = fill_half_pair_table(table_ptr, gl.num_warps())
         copy_offset = 4 * lane_id(like_words)
     else:
-        fill_byte_table(table_ptr, gl.num_warps())
+        table = fill_byte_table(table_ptr, gl.num_warps())
         copy_offset = lane_copy_offset(like_words)
     # Launched as a programmatic dependent (PDL; matmul_4bit), the program starts while the
     # kernel before it finishes. Everything above reads only the weights and the code table,
@@ -210,26 +243,63 @@ def gemv_4bit_kernel(
     if PDL:
         gdc_wait()  # griddepcontrol.wait
 
-    acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
-    for w0 in range(first, half_kw, 2 * stride):
-        acc = _accumulate(
-            acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-        )  # fmt: skip
-        acc = _accumulate(
-            acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-            copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-        )  # fmt: skip
-        ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
-        words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
-        words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
-    gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
-    out = gl.sum(acc, axis=2)
-
-    o_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-    o_n = n0 + gl.arange(0, block_n, layout=gl.SliceLayout(0, out_layout))
-    o_ptrs = (
-        out_ptr + pid_k * stride_ok + gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
-    )
-    o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
-    gl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_ok)
+    if PERSISTENT:
+        num_blocks = gl.cdiv(N, block_n)
+        grid_n = gl.num_programs(0)
+        for block in range(pid_n, num_blocks, grid_n):
+            n_next = (block + grid_n) * block_n
+            has_next = block + grid_n < num_blocks
+            next_w_ptrs, next_scale_ptrs = _row_pointers(
+                w_ptr, absmax_ptr, n_next, N, stride_w, stride_a, BLOCKSIZE, block_n, chunks,
+                w_layout, scale_layout,
+            )  # fmt: skip
+            acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
+            for w0 in range(first, half_kw, 2 * stride):
+                # Each step's next words are requested as soon as its own are decoded; past
+                # this block's K they are the next block's first ones.
+                ahead = w0 + 2 * stride
+                acc = _accumulate(
+                    acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
+                    copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+                )  # fmt: skip
+                if ahead < half_kw:
+                    words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+                else:
+                    words0 = gl.load(
+                        next_w_ptrs + first, mask=has_next & (first + w_chunk < half_kw)
+                    )
+                acc = _accumulate(
+                    acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk,
+                    half_kw, copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2,
+                    HALF2,
+                )  # fmt: skip
+                if ahead < half_kw:
+                    words1 = gl.load(
+                        w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw
+                    )
+                else:
+                    words1 = gl.load(
+                        next_w_ptrs + first + stride,
+                        mask=has_next & (first + stride + w_chunk < half_kw),
+                    )
+            # The reduction's scratch is its own shared buffer (keep_table_live below).
+            _store_rows(acc, out_ptr, pid_k, block * block_n, M, N, stride_om, stride_ok,
+                        out_layout)  # fmt: skip
+            w_ptrs, scale_ptrs = next_w_ptrs, next_scale_ptrs
+        keep_table_live(table, table_ptr, N < 0, gl.num_warps())
+    else:
+        acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
+        for w0 in range(first, half_kw, 2 * stride):
+            acc = _accumulate(
+                acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
+                copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+            )  # fmt: skip
+            acc = _accumulate(
+                acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
+                copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+            )  # fmt: skip
+            ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
+            words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+            words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
+        gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
+        _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout)

@@ -81,6 +81,10 @@ class KernelConfig:
     # gemv, one row of x: the fp16 table's code pairs meet x's pairs in packed fp16 fused
     # multiply-adds (f16x2), four bytes a chain, each word's sum widened once. x must fit fp16.
     packed_fma: bool = False
+    # gemv: 0 launches a program per block of rows; n > 0 launches at most n programs per SM,
+    # each taking every grid-th block (fewer, longer-lived programs: the table is filled once
+    # per program, and each block's first words are requested while the last one finishes).
+    programs_per_sm: int = 0
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -190,6 +194,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def config_to_json(config: KernelConfig) -> dict[str, object]:
     return asdict(config)
 
@@ -272,14 +281,17 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
     # Hopper: launched as a programmatic dependent, so its weight loads overlap the end of the
     # kernel before it (the gdc_wait in gemv_4bit).
     pdl = _capability(x2.device) >= (9, 0)
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    blocks = triton.cdiv(n, config.block_n)
+    if config.programs_per_sm:
+        blocks = min(blocks, config.programs_per_sm * _sm_count(x2.device))
+    grid = (blocks, config.split_k)
     gemv_4bit_kernel[grid](
         pairs, words, absmax, table, target, m, n, k, pairs.stride(0), n, stride_ok, k // 8,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
-        num_warps=config.num_warps, launch_pdl=pdl,
+        PERSISTENT=config.programs_per_sm > 0, num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 

@@ -18,9 +18,9 @@ pytest.importorskip("triton.experimental.gluon")
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
 
-def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool]]:
-    """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma) of every GEMV
-    entry of the H200 table."""
+def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bool]]:
+    """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent) of
+    every GEMV entry of the H200 table."""
     shapes = set()
     for config in json.loads(TUNED.read_text())["configs"].values():
         if config["kernel"] == "gemv":
@@ -28,14 +28,14 @@ def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool]]:
             shapes.add(
                 (config["block_m"], rows, config["threads_n"], config["warps_n"],
                  config["num_warps"], config.get("half_table", False),
-                 config.get("packed_fma", False))
+                 config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0)
             )  # fmt: skip
     return sorted(shapes)
 
 
 def _compile(
     block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool,
-    packed_fma: bool = False,
+    packed_fma: bool = False, persistent: bool = False,
 ):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
@@ -51,7 +51,7 @@ def _compile(
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
         WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
-        HALF2=packed_fma,
+        HALF2=packed_fma, PERSISTENT=persistent,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
@@ -70,7 +70,16 @@ def test_only_the_table_lookups_touch_shared_memory_while_it_is_read(shape):
 
     kernel = _compile(*shape)
     # [256, 16 copies, 2 fp32] or, the fp16 table, [256, 32 copies, 1 pair]: 32 KB either way.
-    assert kernel.metadata.shared == 256 * BYTE_TABLE_COPIES * 2 * 4 == 256 * 32 * 4
+    table_bytes = 256 * BYTE_TABLE_COPIES * 2 * 4
+    assert table_bytes == 256 * 32 * 4
+    if shape[7]:  # persistent: the table stays allocated beside any reduction scratch
+        warps_n, num_warps = shape[3:5]
+        if num_warps > warps_n:  # K spans warps: the per-block sum goes through shared memory
+            assert kernel.metadata.shared > table_bytes
+        else:
+            assert kernel.metadata.shared == table_bytes
+        return
+    assert kernel.metadata.shared == table_bytes
     lines = kernel.asm["ptx"].splitlines()
     barriers = [i for i, line in enumerate(lines) if "bar.sync" in line]
     lookup = "ld.shared.b32 q, [a]" if shape[5] else "ld.shared.v2.b32"
@@ -89,6 +98,13 @@ def test_only_the_table_lookups_touch_shared_memory_while_it_is_read(shape):
     assert not others, f"shared memory used beside the byte table: {others[:3]}"
 
 
-def test_packed_fma_gemv_compiles_and_reads_only_its_table():
-    """The packed-fp16 GEMV (not in the shipped table yet) holds to the same rule."""
-    test_only_the_table_lookups_touch_shared_memory_while_it_is_read((1, 4, 2, 2, 4, True, True))
+def test_persistent_gemv_keeps_its_table_beside_the_reduction_scratch():
+    """Persistent programs sum each block inside the loop over blocks, so the reduction's
+    scratch must not be placed on the table (decode_4bit.keep_table_live): K across warps
+    needs scratch of its own, K within a warp needs none."""
+    test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
+        (1, 4, 2, 4, 8, True, True, True)
+    )
+    test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
+        (1, 2, 2, 4, 4, True, True, True)
+    )

@@ -102,6 +102,7 @@ def test_deterministic_across_calls():
 def _kernel_variants() -> list:
     from engine.kernels.matmul_4bit import KernelConfig
 
+    persistent = {"half_table": True, "packed_fma": True, "programs_per_sm": 1}
     variants = [
         KernelConfig("gemv", 1, 4, num_warps=2),
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
@@ -119,6 +120,10 @@ def _kernel_variants() -> list:
         KernelConfig(
             "gemv", 1, 32, 0, 4, 4, threads_n=8, warps_n=4, half_table=True, packed_fma=True
         ),  # split K
+        # Persistent: fewer programs than row blocks, each taking every grid-th block.
+        KernelConfig("gemv", 1, 8, num_warps=4, threads_n=2, warps_n=2, **persistent),
+        KernelConfig("gemv", 1, 4, 0, 2, 4, threads_n=2, warps_n=2, **persistent),  # split K
+        KernelConfig("gemv", 2, 8, num_warps=4, threads_n=2, warps_n=2, programs_per_sm=1),
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
