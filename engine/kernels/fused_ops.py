@@ -10,12 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, pdl_start
+
 
 @triton.jit
 def _rms_norm(
     x_ptr, residual_ptr, weight_ptr, out_ptr, eps, stride_x, stride_r, stride_o, width,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < width
@@ -43,13 +46,16 @@ def rms_norm(
             x, residual if residual is not None else x, weight, out, eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), width,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(width),
-            num_warps=8 if width >= 4096 else 4,
+            num_warps=8 if width >= 4096 else 4, **pdl_launch(x.device),
         )  # fmt: skip
     return out
 
 
 @triton.jit
-def _silu_and_mul(x_ptr, out_ptr, stride_x, stride_o, width, BLOCK: tl.constexpr):
+def _silu_and_mul(
+    x_ptr, out_ptr, stride_x, stride_o, width, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < width
@@ -67,7 +73,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows:
         block = 1024
         _silu_and_mul[(rows, triton.cdiv(width, block))](
-            x, out, x.stride(0), out.stride(0), width, BLOCK=block, num_warps=4
+            x,
+            out,
+            x.stride(0),
+            out.stride(0),
+            width,
+            BLOCK=block,
+            num_warps=4,
+            **pdl_launch(x.device),
         )
     return out
 
@@ -76,8 +89,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rotary(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, stride_q_tok, stride_k_tok, stride_cos,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_start(PDL)
     token = tl.program_id(0)
     pos = tl.load(positions_ptr + token)
     offs_d = tl.arange(0, HALF)
@@ -112,5 +126,5 @@ def rotary_embedding_(
             q, k, positions, cos, sin, q.stride(0), k.stride(0), cos.stride(0),
             NUM_HEADS=num_heads, NUM_KV_HEADS=k.shape[1],
             HEADS_PAD=triton.next_power_of_2(max(num_heads, k.shape[1])), HALF=head_dim // 2,
-            num_warps=4,
+            num_warps=4, **pdl_launch(q.device),
         )  # fmt: skip

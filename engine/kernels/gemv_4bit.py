@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels.decode_4bit import (
     decode_words,
@@ -241,6 +241,7 @@ def gemv_4bit_kernel(
     # which the kernels of a forward pass never write (loading does, before any step); from
     # here on it reads x and writes out, so it waits for that kernel first.
     if PDL:
+        gdc_launch_dependents()  # the next kernel may start (it waits for this one's end)
         gdc_wait()  # griddepcontrol.wait
 
     if PERSISTENT:

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from engine.kernels.gemm_4bit import gemm_4bit_kernel
 from engine.kernels.gemv_4bit import gemv_4bit_kernel
+from engine.kernels.pdl import pdl_enabled
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -280,7 +281,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
     words = packed.view(-1).view(torch.int32)  # rows of K/8 words (K is a multiple of 64)
     # Hopper: launched as a programmatic dependent, so its weight loads overlap the end of the
     # kernel before it (the gdc_wait in gemv_4bit).
-    pdl = _capability(x2.device) >= (9, 0)
+    pdl = pdl_enabled(x2.device)
     blocks = triton.cdiv(n, config.block_n)
     if config.programs_per_sm:
         blocks = min(blocks, config.programs_per_sm * _sm_count(x2.device))

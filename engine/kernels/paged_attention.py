@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_launch, pdl_start
+
 MAX_SPLITS = 8
 
 
@@ -29,10 +31,11 @@ def _paged_decode(
     stride_c_block, stride_c_tok, stride_c_head,
     QUERY_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """NUM_SPLITS == 1: out gets the attention. Otherwise partial [seq, head, split, HEAD_DIM]
     gets each split's unnormalized sum and stats [seq, head, split, 2] its (max, denominator)."""
+    pdl_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -95,9 +98,10 @@ def _paged_decode(
 @triton.jit
 def _combine_splits(
     partial_ptr, stats_ptr, out_ptr, num_heads, stride_o_tok, stride_o_head,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, head): the splits' sums, each rescaled to the common max."""
+    pdl_start(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = (seq * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
@@ -174,12 +178,12 @@ def paged_decode_attention(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         QUERY_GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=max(64, block_size), PRECISION=precision,
-        NUM_SPLITS=num_splits, num_warps=4,
+        NUM_SPLITS=num_splits, num_warps=4, **pdl_launch(q.device),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits[(num_seqs, num_heads)](
             partial, stats, out, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4, **pdl_launch(q.device),
         )  # fmt: skip
     return out
 
@@ -188,8 +192,9 @@ def paged_decode_attention(
 def _store_kv(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_tok, stride_v_tok, stride_c_slot,
-    KV_WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+    KV_WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_start(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     offs = tl.arange(0, WIDTH_PAD)
@@ -216,4 +221,5 @@ def store_kv_cache(
     _store_kv[(num_tokens,)](
         k, v, key_cache, value_cache, slot_mapping, k.stride(0), v.stride(0), width,
         KV_WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width), num_warps=4,
+        **pdl_launch(k.device),
     )  # fmt: skip
