@@ -36,18 +36,15 @@ import triton.language as tl
 
 from engine.kernels.gemm_4bit import gemm_4bit_kernel
 from engine.kernels.gemv_4bit import gemv_4bit_kernel
-from engine.kernels.pdl import pdl_enabled, pdl_launch, pdl_start
+from engine.kernels.pdl import pdl_enabled
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @triton.jit
-def _sum_splits(
-    part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
-):
+def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """out = sum over split-K partials (fp32), in a fixed order: results are deterministic."""
-    pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -267,9 +264,7 @@ def matmul_4bit(
         )  # fmt: skip
     if split > 1:
         block = 1024
-        _sum_splits[(triton.cdiv(m * n, block),)](
-            target, out, m * n, SPLIT_K=split, BLOCK=block, **pdl_launch(x2.device)
-        )
+        _sum_splits[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split, BLOCK=block)
     return out.reshape(*lead, n)
 
 
@@ -309,7 +304,7 @@ def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, c
         x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, SPLIT_K=config.split_k, PREFETCH=config.num_stages > 2,
-        num_warps=config.num_warps, **pdl_launch(x2.device),
+        num_warps=config.num_warps,
     )  # fmt: skip
 
 
@@ -328,5 +323,5 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, W_LEFT=config.w_left, NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps, **pdl_launch(x2.device),
+        num_warps=config.num_warps,
     )  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels.decode_4bit import load_code_table
 from engine.kernels.fragment_4bit import (
@@ -47,7 +46,7 @@ def mma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-    PREFETCH: gl.constexpr, PDL: gl.constexpr,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M <= BLOCK_M, K] @ W^T; 16 weight rows
     per warp, BLOCK_M (a multiple of 8) rows of x as BLOCK_M / 8 MMAs per 16 values of K.
@@ -94,12 +93,6 @@ def mma_4bit_kernel(
     k0 = pid_k * STEP_VALUES
     packed0, scale0 = load_words(w_ptrs, s_ptrs, k0, K, chunk_end, BLOCKSIZE)
     packed1, scale1 = load_words(w_ptrs, s_ptrs, k0 + stride, K, chunk_end, BLOCKSIZE)
-    # As a programmatic dependent (engine/kernels/pdl.py) the program got here while the kernel
-    # before it ran: the weights and code table it read are never written by a forward pass;
-    # x, which that kernel writes, is read only from here on.
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     for k0 in range(pid_k * STEP_VALUES, K, 2 * stride):
         k1 = k0 + stride
         if PREFETCH:

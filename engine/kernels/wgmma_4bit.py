@@ -25,7 +25,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels.decode_4bit import decode_pairs, load_code_table
 
@@ -91,7 +90,7 @@ def wgmma_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr, PDL: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0."""
     num_warps: gl.constexpr = gl.num_warps()
@@ -170,12 +169,6 @@ def wgmma_4bit_kernel(
     else:
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
     n_steps = (K // BLOCK_K - pid_k + SPLIT_K - 1) // SPLIT_K
-    # As a programmatic dependent (engine/kernels/pdl.py) the program got here while the kernel
-    # before it ran (it has read only the code table); the copies below read x, which that
-    # kernel writes.
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     for j in gl.static_range(NUM_STAGES - 1):
         _copy_step(
             j, n_steps, w_staging.index(j), s_staging.index(j), x_staging.index(j), w_ptrs,
