@@ -34,7 +34,9 @@ def decode_rate(llm: LLM, batch: int, output_len: int, vocab: int) -> float:
     prompts = torch.randint(3, min(vocab, 300), (batch, PROMPT_LEN), generator=g).tolist()
     requests = [{"prompt_token_ids": p} for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(requests[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    # Warm-up on the same batch (as offline_throughput does): a batch's first prefill and mixed
+    # steps may compile kernel variants, which must not land in the timed run.
+    llm.generate(requests, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     start = time.perf_counter()
     llm.generate(requests, params, use_tqdm=False)
     return batch * output_len / (time.perf_counter() - start)
