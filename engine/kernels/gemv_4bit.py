@@ -13,7 +13,12 @@ K; one reduction across them per program at the end gives the output.
 Two K steps per loop iteration, both steps' words requested before either is decoded. Words,
 not bytes, are what the loop carries: bytes carried through a loop are re-packed into
 registers one by one. (Requesting the next iteration's words before decoding this one's, four
-steps per iteration, and register caps for more programs per SM all measured no faster.)"""
+steps per iteration, and register caps for more programs per SM all measured no faster.)
+
+PERSISTENT launches a few programs per SM that each take every grid-th block of rows: the table
+is filled once per program, and a step's next words are requested as soon as its own are
+decoded, past a block's end the next block's first ones (faster where a grid leaves SMs idle
+or fills its last wave partly; `o` and `down` at batch 1)."""
 
 from __future__ import annotations
 
