@@ -73,15 +73,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows:
         block = 1024
         _silu_and_mul[(rows, triton.cdiv(width, block))](
-            x,
-            out,
-            x.stride(0),
-            out.stride(0),
-            width,
-            BLOCK=block,
-            num_warps=4,
+            x, out, x.stride(0), out.stride(0), width, BLOCK=block, num_warps=4,
             **pdl_launch(x.device),
-        )
+        )  # fmt: skip
     return out
 
 

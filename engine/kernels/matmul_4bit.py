@@ -36,6 +36,7 @@ import triton.language as tl
 
 from engine.kernels.gemm_4bit import gemm_4bit_kernel
 from engine.kernels.gemv_4bit import gemv_4bit_kernel
+from engine.kernels.gpu_info import capability, sm_count
 from engine.kernels.pdl import pdl_enabled
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
@@ -160,14 +161,14 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
             m <= config.block_m
             and config.block_m in MMA_BLOCK_M
             and config.block_n == 16 * config.num_warps
-            and _capability(device) == (9, 0)
+            and capability(device) == (9, 0)
         )
     if config.kernel == "wgmma":
         return (
             _wgmma_tiles(config)
             and k % config.block_k == 0
             and m > 0
-            and _capability(device) == (9, 0)
+            and capability(device) == (9, 0)
         )
     return config.kernel == "gemm"
 
@@ -188,16 +189,6 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
     if config.w_left:  # W rows: the MMA's M; the batch: its N
         return bn % (16 * warps) == 0 and bm % 8 == 0 and 8 <= bm <= 256
     return bm == 16 * warps and bn % 8 == 0 and bn <= 256
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def config_to_json(config: KernelConfig) -> dict[str, object]:
@@ -284,7 +275,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
     pdl = pdl_enabled(x2.device)
     blocks = triton.cdiv(n, config.block_n)
     if config.programs_per_sm:
-        blocks = min(blocks, config.programs_per_sm * _sm_count(x2.device))
+        blocks = min(blocks, config.programs_per_sm * sm_count(x2.device))
     grid = (blocks, config.split_k)
     gemv_4bit_kernel[grid](
         pairs, words, absmax, table, target, m, n, k, pairs.stride(0), n, stride_ok, k // 8,

@@ -12,12 +12,11 @@ the batch shape, never on context lengths, so it is fixed inside a captured grap
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.gpu_info import sm_count
 from engine.kernels.pdl import pdl_launch, pdl_start
 
 MAX_SPLITS = 8
@@ -121,18 +120,13 @@ def _combine_splits(
     )
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits of the context per (sequence, KV head): enough programs for two per SM, and one
     split once the batch alone fills the GPU."""
     if device.type != "cuda":  # Triton's CPU interpreter (tests)
         return 1
     programs = num_seqs * num_kv_heads
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(2 * sms, programs)))

@@ -15,22 +15,18 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from engine.kernels.gpu_info import capability
+
 
 @functools.cache
-def _supported(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on this device are launched as programmatic dependents."""
-    return _supported(device)
+    return os.environ.get("TRITON_INTERPRET") != "1" and capability(device) >= (9, 0)
 
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """The keyword arguments of a Triton launch whose kernel starts with `pdl_start(PDL)`."""
-    return {"PDL": True, "launch_pdl": True} if _supported(device) else {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
 
 
 @triton.jit

@@ -20,7 +20,7 @@ def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
         "1": mm.KernelConfig("gemv", 1, 4, num_warps=2),
     }
     monkeypatch.setattr(mm, "_measured", lambda m, n, k, device: table[str(mm.m_bucket(m))])
-    monkeypatch.setattr(mm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(mm, "capability", lambda device: (9, 0))
     mm.kernel_for.cache_clear()
     cuda = torch.device("cuda")
     try:
@@ -29,7 +29,7 @@ def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
         assert mm.choose_config(16, 4096, 2752, cuda) == mm.default_config(16)
         assert mm.kernel_for(1, 4096, 2752, cuda) == table["1"]
         assert mm.kernel_for(2048, 4096, 4096, cuda) is None  # a prefill chunk: bitsandbytes
-        monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no warpgroup MMA
+        monkeypatch.setattr(mm, "capability", lambda device: (8, 0))  # no warpgroup MMA
         mm.kernel_for.cache_clear()
         assert mm.kernel_for(16, 4096, 4096, cuda) is None
     finally:
@@ -80,7 +80,7 @@ def test_register_mma_tiles(monkeypatch):
 
     cuda = torch.device("cuda")
     config = mm.KernelConfig("mma", 8, 64, 0, 2, 4)
-    monkeypatch.setattr(mm, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(mm, "capability", lambda device: (9, 0))
     assert mm.fits(config, 8, 4096, cuda)
     assert not mm.fits(config, 9, 4096, cuda)
     assert not mm.fits(mm.KernelConfig("mma", 8, 32, 0, 2, 4), 1, 4096, cuda)
@@ -88,5 +88,5 @@ def test_register_mma_tiles(monkeypatch):
     assert not mm.fits(mm.KernelConfig("mma", 64, 16, 0, 2, 1), 65, 4096, cuda)
     assert not mm.fits(mm.KernelConfig("mma", 24, 16, 0, 2, 1), 20, 4096, cuda)  # not 2^n
     assert not mm.fits(mm.KernelConfig("mma", 128, 16, 0, 2, 1), 100, 4096, cuda)
-    monkeypatch.setattr(mm, "_capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
+    monkeypatch.setattr(mm, "capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
     assert not mm.fits(config, 1, 4096, cuda)
