@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
@@ -249,6 +250,14 @@ _LANE = gl.constexpr("mov.u32 $0, %laneid;")
 _PAIR_TABLE_OFFSET = gl.constexpr(PAIR_TABLE_OFFSET)
 
 
+@triton.constexpr_function
+def _table_layout(copies, entry_words, num_warps):
+    """The registers' layout of a [256, copies, entry_words] table: one entry a thread."""
+    return gl.BlockedLayout(
+        [1, 1, entry_words], [32 // copies, copies, 1], [num_warps, 1, 1], [2, 1, 0]
+    )
+
+
 @gluon.jit
 def _fill_table(
     table_ptr, OFFSET: gl.constexpr, COPIES: gl.constexpr, ENTRY_WORDS: gl.constexpr,
@@ -257,9 +266,7 @@ def _fill_table(
     """Fill shared memory [256, COPIES, ENTRY_WORDS] int32 with COPIES copies of each of
     code_table's 256 byte entries (ENTRY_WORDS int32s each, from OFFSET), and wait for every
     thread's part. Returns the buffer (for `keep_table_live`)."""
-    layout: gl.constexpr = gl.BlockedLayout(
-        [1, 1, ENTRY_WORDS], [32 // COPIES, COPIES, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
-    )
+    layout: gl.constexpr = _table_layout(COPIES, ENTRY_WORDS, NUM_WARPS)
     e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     h = gl.arange(0, ENTRY_WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
     src = gl.expand_dims(gl.expand_dims(e * ENTRY_WORDS, 1), 2)
@@ -294,9 +301,7 @@ def keep_table_live(table, table_ptr, never, NUM_WARPS: gl.constexpr):
         entries: gl.constexpr = table.shape[0]
         copies: gl.constexpr = table.shape[1]
         words: gl.constexpr = table.shape[2]
-        layout: gl.constexpr = gl.BlockedLayout(  # as _fill_table's
-            [1, 1, words], [32 // copies, copies, 1], [NUM_WARPS, 1, 1], [2, 1, 0]
-        )
+        layout: gl.constexpr = _table_layout(copies, words, NUM_WARPS)
         values = table.load(layout)
         e = gl.arange(0, entries, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
         c = gl.arange(0, copies, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))

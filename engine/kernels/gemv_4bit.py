@@ -127,24 +127,21 @@ def _quarters(t, layout: gl.constexpr):
 
 @gluon.jit
 def _row_pointers(
-    w_ptr, absmax_ptr, n0, N, stride_w, stride_a, BLOCKSIZE: gl.constexpr, block_n: gl.constexpr,
-    chunks: gl.constexpr, w_layout: gl.constexpr, scale_layout: gl.constexpr,
+    w_ptr, absmax_ptr, n0, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE: gl.constexpr,
+    block_n: gl.constexpr, w_layout: gl.constexpr, scale_layout: gl.constexpr,
 ):  # fmt: skip
-    """The weight words' and absmaxes' pointers of rows n0.. of one program's block. Rows past N
-    re-read the last row and are never stored. One absmax per (row, chunk): the block of the
-    chunk's first value (8 values a word)."""
+    """The weight words' and absmaxes' pointers of rows n0.. of one program's block, given each
+    chunk's first word (w_chunk [1, chunk, 1], s_chunk [1, chunk]). Rows past N re-read the
+    last row and are never stored. One absmax per (row, chunk): the block of the chunk's first
+    value (8 values a word)."""
     w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
-    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, w_layout)))
     w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
     w_rows = gl.minimum(n0 + w_n, N - 1)
-    w_chunk = gl.expand_dims(gl.expand_dims(w_c * WORDS_PER_THREAD, 0), 2)  # [1, chunk, 1]
     w_ptrs = (
         w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
         + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
     )  # fmt: skip
     s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
-    s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
-    s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
     scale_ptrs = (
         absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
         + (8 * s_chunk) // BLOCKSIZE
@@ -213,8 +210,8 @@ def gemv_4bit_kernel(
     s_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, scale_layout))
     s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
     w_ptrs, scale_ptrs = _row_pointers(
-        w_ptr, absmax_ptr, n0, N, stride_w, stride_a, BLOCKSIZE, block_n, chunks, w_layout,
-        scale_layout,
+        w_ptr, absmax_ptr, n0, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE, block_n,
+        w_layout, scale_layout,
     )  # fmt: skip
 
     # x pairs of the same chunks, four per word (pair offset = 4 * word offset).
@@ -256,8 +253,8 @@ def gemv_4bit_kernel(
             n_next = (block + grid_n) * block_n
             has_next = block + grid_n < num_blocks
             next_w_ptrs, next_scale_ptrs = _row_pointers(
-                w_ptr, absmax_ptr, n_next, N, stride_w, stride_a, BLOCKSIZE, block_n, chunks,
-                w_layout, scale_layout,
+                w_ptr, absmax_ptr, n_next, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE,
+                block_n, w_layout, scale_layout,
             )  # fmt: skip
             acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
             for w0 in range(first, half_kw, 2 * stride):
