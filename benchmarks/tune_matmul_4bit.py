@@ -25,6 +25,7 @@ import triton
 from benchmarks.graph_timing import time_in_graph
 from benchmarks.llama2_7b_layers import LLAMA2_7B, quantized_layer, weight_copies
 from engine.kernels.matmul_4bit import (
+    DECODE_WARPS,
     M_BUCKETS,
     KernelConfig,
     config_to_json,
@@ -73,13 +74,24 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
     for bn, bk, split, warps, stages in itertools.product(
-        (64, 128), (64, 128), splits, (4, 8), (3, 4)
+        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4)
     ):
         bm = min(max(8, triton.next_power_of_2(m)), 128)
         out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=True))
         if m >= 32:
             bm = 16 * warps
             out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
+    # Warp-specialized: decoder warps beside one MMA warpgroup, up to decode_tiles steps ahead
+    # of it, copies num_stages - decode_tiles steps ahead.
+    if m >= 16:
+        for bn, bk, split, (stages, tiles), decoders in itertools.product(
+            (64, 128, 256), (64, 128), splits, ((4, 2), (6, 2)), DECODE_WARPS[-1:]
+        ):  # 8 decoder warps and 2 tiles: faster than 4 warps, or 3 tiles, wherever measured
+            ws = dict(decode_warps=decoders, decode_tiles=tiles)
+            bm = min(max(8, triton.next_power_of_2(m)), 128)
+            out.append(KernelConfig("wgmma", bm, bn, bk, split, 4, stages, w_left=True, **ws))
+            if m >= 64:
+                out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **ws))
     # At most 128 fp32 accumulators per thread: more spill.
     out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:
@@ -225,6 +237,7 @@ def main() -> None:
             kind = cfg.kernel + ("-half" if cfg.half_table else "")
             kind += "-packed" if cfg.packed_fma else ""
             kind += "-persistent" if cfg.programs_per_sm else ""
+            kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

@@ -16,7 +16,8 @@ Three kernels, named by `KernelConfig.kernel`:
   each byte's codes stay one scaled 16-bit pair, fed to `mma.sync` with x as its N side.
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
-  MMA's 64-row side (`w_left`, small batches) or x.
+  MMA's 64-row side (`w_left`, small batches) or x. With `decode_warps`, warp-specialized
+  (`wgmma_ws_4bit.py`): those warps copy and decode while one warpgroup issues the MMAs.
 - "gemm" (`gemm_4bit.py`, Triton, any GPU): more rows; W decoded, scaled and cast in
   registers as the left (`w_left`) or right operand of `tl.dot`, x's even and odd columns
   meeting W's high and low nibbles as two dots.
@@ -87,6 +88,12 @@ class KernelConfig:
     # each taking every grid-th block (fewer, longer-lived programs: the table is filled once
     # per program, and each block's first words are requested while the last one finishes).
     programs_per_sm: int = 0
+    # wgmma: 0 = every warp decodes and issues MMAs in turn; 4 or 8 = warp-specialized, that
+    # many warps copying and decoding beside one MMA warpgroup (num_warps must be 4), into a
+    # ring of decode_tiles weight tiles (how many steps they may run ahead of the MMAs; the
+    # copies run num_stages - decode_tiles steps ahead).
+    decode_warps: int = 0
+    decode_tiles: int = 2
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -174,6 +181,10 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
 
 
 MMA_BLOCK_M = (8, 16, 32, 64)  # x rows the register MMA kernel holds: 8 per MMA, power of two
+DECODE_WARPS = (4, 8)  # the warp-specialized warpgroup kernel's decoder partition sizes
+# Registers per thread of its decoders, and the kernel's cap (one program per SM: 64K
+# registers over its threads; the MMA warpgroup gets what the decoders leave).
+_DECODE_REGS = {4: (232, 256), 8: (152, 168)}
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
@@ -184,6 +195,13 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
         return False
     if config.num_stages < 2:  # copies run at least one step ahead
         return False
+    if config.decode_warps:  # warp-specialized: one MMA warpgroup, the decoders cover the rows
+        if warps != 4 or config.decode_warps not in DECODE_WARPS:
+            return False
+        if config.decode_tiles not in (2, 3) or config.num_stages <= config.decode_tiles:
+            return False
+        if bn < (32 // (bk // 32)) * config.decode_warps:
+            return False
     if bm & (bm - 1) or bn & (bn - 1):  # Gluon tensors have power-of-two shapes
         return False
     if config.w_left:  # W rows: the MMA's M; the batch: its N
@@ -309,10 +327,22 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
     if packed.data_ptr() % 16:
         raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-    wgmma_4bit_kernel[grid](
+    args = (
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
-        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=config.split_k, W_LEFT=config.w_left, NUM_STAGES=config.num_stages,
-        num_warps=config.num_warps,
+        k // blocksize,
     )  # fmt: skip
+    tiles = dict(
+        BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        W_LEFT=config.w_left, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+    )  # fmt: skip
+    if config.decode_warps:
+        from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
+
+        decode_regs, maxnreg = _DECODE_REGS[config.decode_warps]
+        wgmma_ws_4bit_kernel[grid](
+            *args, **tiles, DECODE_WARPS=config.decode_warps, DECODE_REGS=decode_regs,
+            DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,
+        )  # fmt: skip
+    else:
+        wgmma_4bit_kernel[grid](*args, **tiles)

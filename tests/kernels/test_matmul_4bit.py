@@ -144,6 +144,16 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 64, 256, 64, 2, 8, w_left=True),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True),  # copies 2 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
+            # Warp-specialized: decoder warps beside one MMA warpgroup.
+            KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=4),
+            KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True, decode_warps=8),
+            KernelConfig(
+                "wgmma", 128, 128, 64, 1, 4, 5, w_left=True, decode_warps=8, decode_tiles=3
+            ),
+            KernelConfig(
+                "wgmma", 64, 64, 64, 2, 4, 6, w_left=False, decode_warps=4, decode_tiles=3
+            ),
+            KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
         ]
     return variants
 

@@ -1,0 +1,84 @@
+"""The warp-specialized warpgroup kernel compiled for sm_90 on this machine (Triton cross-compiles
+with its own ptxas; no GPU needed), as CI runs it, for every launch the tuned table ships and a
+few more: it builds, fits an SM's shared memory, hands its decoder warps the registers the
+launcher asks for, and spills nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+from engine.kernels.matmul_4bit import _DECODE_REGS, KernelConfig  # noqa: E402
+
+TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
+HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
+
+
+def _launches() -> list[KernelConfig]:
+    shipped = {
+        KernelConfig(**config)
+        for config in json.loads(TUNED.read_text())["configs"].values()
+        if config.get("decode_warps")
+    }
+    others = {
+        KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
+        KernelConfig("wgmma", 16, 64, 128, 4, 4, 5, decode_warps=4, decode_tiles=3),
+    }
+    return sorted(shipped | others, key=str)
+
+
+def _compile(config: KernelConfig):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
+
+    out = "*bf16" if config.split_k == 1 else "*fp32"
+    signature = {
+        "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
+        "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+        "stride_om": "i32", "stride_ok": "i32", "stride_w": "i32", "stride_a": "i32",
+    }  # fmt: skip
+    decode_regs, maxnreg = _DECODE_REGS[config.decode_warps]
+    constants = dict(
+        BLOCKSIZE=64, X_FP16=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, SPLIT_K=config.split_k, W_LEFT=config.w_left,
+        NUM_STAGES=config.num_stages, DECODE_WARPS=config.decode_warps,
+        DECODE_REGS=decode_regs, DECODE_TILES=config.decode_tiles,
+    )  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
+    source = GluonASTSource(wgmma_ws_4bit_kernel, signature, constants, aligned)
+    options = {"num_warps": config.num_warps, "maxnreg": maxnreg}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.parametrize("config", _launches(), ids=str)
+def test_warp_specialized_launch_compiles_for_hopper(config, tmp_path):
+    import triton
+
+    kernel = _compile(config)
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    ptx = kernel.asm["ptx"]
+    decode_regs = _DECODE_REGS[config.decode_warps][0]
+    # The decoder partition's register budget, set as it starts.
+    assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t{decode_regs};", ptx)
+    assert "wgmma.mma_async" in ptx and "mbarrier.try_wait" in ptx
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not os.access(cuobjdump, os.X_OK):
+        pytest.skip("Triton ships no cuobjdump here: spills unchecked")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run(
+        [str(cuobjdump), "--dump-resource-usage", str(cubin)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
