@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# On one GPU host, for work on the small-batch kernels: their tests, a re-tune of the batch
+# On one GPU host, for work on the fused matmul kernels: their tests, a re-tune of the batch
 # buckets up to 8 (or those in $BUCKETS, among the kernel kinds in $KERNELS if set; the other
 # buckets' entries are kept), the per-layer times at every bucket, the engine's GPU tests with
-# the new table, and batch-1 decode end to end (nibble only). Results go to $OUT.
+# the new table, and batch-1 decode end to end (nibble only). Results go to $OUT. For the
+# tensor-core buckets: BUCKETS="16 32 64 128 256" KERNELS="wgmma mma".
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 BUCKETS=${BUCKETS:-1 2 4 8}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-timeout 150 python3 -m pytest tests/kernels/test_matmul_4bit.py -q --tb=short -p no:cacheprovider \
+timeout 200 python3 -m pytest tests/kernels/test_matmul_4bit.py -q --tb=short -p no:cacheprovider \
   -k "variant or fp16 or deterministic" > "$OUT/pytest_kernels_variants_gpu.log" 2>&1
 ok=$?
 tail -3 "$OUT/pytest_kernels_variants_gpu.log"
 [ "$ok" = 0 ] || exit 1
-timeout 300 python3 benchmarks/tune_matmul_4bit.py --buckets $BUCKETS ${KERNELS:+--kernels $KERNELS} \
+timeout 330 python3 benchmarks/tune_matmul_4bit.py --buckets $BUCKETS ${KERNELS:+--kernels $KERNELS} \
   --out-dir engine/kernels/configs \
   2>&1 | grep -v OutOfResources | tail -12 | tee "$OUT/tune_matmul_4bit_small_buckets.log"
 cp engine/kernels/configs/*.json "$OUT/"

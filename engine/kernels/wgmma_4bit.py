@@ -30,18 +30,46 @@ from engine.kernels.decode_4bit import decode_pairs, load_code_table
 
 
 @gluon.jit
-def _copy_step(
-    i, n_steps, w_stage, s_stage, x_stage, w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k,
+def copy_step(
+    i, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k,
     SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """Start copying step i's weight bytes, scales and x tile into one stage; a step past this
-    program's last copies nothing (but still commits a group, so group counts stay in step)."""
+    """Start copying step i's weight bytes, scales and x tile into its stage (i modulo the
+    stages); a step past this program's last copies nothing (but still commits a group, so
+    group counts stay in step)."""
+    stage = i % w_staging.shape[0]
     k = (pid_k + i * SPLIT_K) * BLOCK_K
     live = i < n_steps
-    async_copy.async_copy_global_to_shared(w_stage, w_ptrs + k // 2, mask=live)
-    async_copy.async_copy_global_to_shared(s_stage, s_ptrs + k // BLOCKSIZE, mask=live)
-    async_copy.async_copy_global_to_shared(x_stage, x_ptrs + k, mask=x_ok & live)
+    async_copy.async_copy_global_to_shared(w_staging.index(stage), w_ptrs + k // 2, mask=live)
+    async_copy.async_copy_global_to_shared(
+        s_staging.index(stage), s_ptrs + k // BLOCKSIZE, mask=live
+    )
+    async_copy.async_copy_global_to_shared(x_staging.index(stage), x_ptrs + k, mask=x_ok & live)
     async_copy.commit_group()
+
+
+@gluon.jit
+def decode_stage(
+    w_staging, s_staging, stage, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
+    W_LAYOUT: gl.constexpr, PAIR_LAYOUT: gl.constexpr,
+):  # fmt: skip
+    """This thread's staged bytes of one stage, decoded into scaled 16-bit pairs [n, byte pair]
+    in the layout the threads store the weight tile in."""
+    packed = w_staging.index(stage).load(W_LAYOUT)
+    scale = s_staging.index(stage).load(gl.SliceLayout(2, W_LAYOUT))
+    pairs = decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16)
+    shape: gl.constexpr = [pairs.shape[0], pairs.shape[1] * pairs.shape[2]]
+    return gl.convert_layout(gl.reshape(pairs, shape), PAIR_LAYOUT)
+
+
+@gluon.jit
+def start_mma(w_tile, x_tile, acc, W_LEFT: gl.constexpr):
+    """acc += this step's product, asynchronously: out^T += W x^T (W_LEFT) or out += x W^T."""
+    if W_LEFT:
+        acc = warpgroup_mma(w_tile, x_tile.permute((1, 0)), acc, is_async=True)
+    else:
+        acc = warpgroup_mma(x_tile, w_tile.permute((1, 0)), acc, is_async=True)
+    return acc
 
 
 @gluon.jit
@@ -56,30 +84,135 @@ def _mma_step(
     NUM_STAGES - 1 ahead into the stage that MMA read."""
     stage = i % NUM_STAGES
     async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i have landed
-    packed = w_staging.index(stage).load(W_LAYOUT)
-    scale = s_staging.index(stage).load(gl.SliceLayout(2, W_LAYOUT))
-    pairs = decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16)
-    shape: gl.constexpr = [pairs.shape[0], pairs.shape[1] * pairs.shape[2]]
-    w_pairs.store(gl.convert_layout(gl.reshape(pairs, shape), PAIR_LAYOUT))
+    w_pairs.store(
+        decode_stage(
+            w_staging, s_staging, stage, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, W_LAYOUT,
+            PAIR_LAYOUT,
+        )
+    )  # fmt: skip
     fence_async_shared()
     gl.thread_barrier()  # the weight tile and every thread's part of x's are written
-    x_tile = x_staging.index(stage)
-    if W_LEFT:
-        acc = warpgroup_mma(w_tile, x_tile.permute((1, 0)), acc, is_async=True)
-    else:
-        acc = warpgroup_mma(x_tile, w_tile.permute((1, 0)), acc, is_async=True)
+    acc = start_mma(w_tile, x_staging.index(stage), acc, W_LEFT)
     acc = warpgroup_mma_wait(1, deps=[acc])
     # Every warpgroup's previous MMA is done before its weight tile is rewritten and its x
     # stage refilled.
     gl.thread_barrier()
-    ahead = i + NUM_STAGES - 1
-    refill = ahead % NUM_STAGES
-    _copy_step(
-        ahead, n_steps, w_staging.index(refill), s_staging.index(refill),
-        x_staging.index(refill), w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K,
-        BLOCKSIZE,
+    copy_step(
+        i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
+        x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
     )  # fmt: skip
     return acc
+
+
+@gluon.constexpr_function
+def byte_layout(block_k, num_warps):
+    """Registers of a step's packed weight bytes [n, chunk, byte]: 16 bytes (32 values under one
+    absmax) a thread, the block_k // 32 chunks of a row on neighbouring lanes."""
+    chunks = block_k // 32
+    return gl.BlockedLayout([1, 1, 16], [32 // chunks, chunks, 1], [num_warps, 1, 1], [2, 1, 0])
+
+
+@gluon.constexpr_function
+def pair_layout(block_k, num_warps):
+    """Registers of the decoded 16-bit pairs [n, byte pair], as each thread stores them."""
+    chunks = block_k // 32
+    return gl.BlockedLayout([1, 16], [32 // chunks, chunks], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def x_copy_layout(block_k, num_warps):
+    """x's tile [m, k] as the threads copy it: 8 values (16 bytes) a copy."""
+    return gl.BlockedLayout([1, 8], [32 // (block_k // 8), block_k // 8], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def acc_layout(w_left, block_m, block_n, num_warps):
+    """The accumulator: out^T [block_n, block_m] with the weights as the MMA's 64-row side
+    (w_left), else out [block_m, block_n]."""
+    n = block_m if w_left else block_n
+    return gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16]
+    )
+
+
+@gluon.constexpr_function
+def tile_layouts(block_k):
+    """Shared layouts of x's staged tiles and the decoded weight tiles (128-byte swizzled for the
+    MMA), and of a weight tile seen as int32 pairs, as the decoders write it."""
+    swizzle = 128 if block_k * 2 >= 128 else block_k * 2
+    return gl.NVMMASharedLayout(swizzle, 16, 2), gl.NVMMASharedLayout(swizzle, 32, 2)
+
+
+@gluon.jit
+def allocate_stages(
+    dtype: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+):  # fmt: skip
+    """The copy stages: the raw bytes and scales as each thread copies them (it alone reads them
+    back), x's tiles swizzled for the MMA. (A buffer of stages takes the layout of one stage.)"""
+    chunks: gl.constexpr = BLOCK_K // 32
+    w_staging = gl.allocate_shared_memory(
+        gl.uint8, [NUM_STAGES, BLOCK_N, chunks, 16], gl.SwizzledSharedLayout(16, 1, 1, [2, 1, 0])
+    )
+    s_staging = gl.allocate_shared_memory(
+        gl.float32, [NUM_STAGES, BLOCK_N, chunks], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    )
+    x_staging = gl.allocate_shared_memory(
+        dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], tile_layouts(BLOCK_K)[0]
+    )
+    return w_staging, s_staging, x_staging
+
+
+@gluon.jit
+def operand_pointers(
+    x_ptr, w_ptr, absmax_ptr, M, N, stride_xm, stride_w, stride_a, BLOCKSIZE: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    W_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+):  # fmt: skip
+    """Step 0's pointers to this program's weight bytes [n, chunk, byte], their absmax [n, chunk]
+    and x's tile [m, k], which rows of x are real, and each weight row's index [n, 1, 1] (the
+    lane `load_code_table` takes)."""
+    chunks: gl.constexpr = BLOCK_K // 32
+    s_layout: gl.constexpr = gl.SliceLayout(2, W_LAYOUT)
+    w_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, s_layout))
+    w_b = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_LAYOUT)))
+    w_rows = gl.minimum(gl.program_id(0) * BLOCK_N + w_n, N - 1)
+    w_ptrs = (
+        w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2)
+        + gl.expand_dims(gl.expand_dims(w_c * 16, 0), 2) + gl.expand_dims(gl.expand_dims(w_b, 0), 1)
+    )  # fmt: skip
+    # The absmax block of each chunk's first value (k is a multiple of BLOCK_K, and BLOCK_K and
+    # the blocksize are powers of two, so the step's block index adds on).
+    s_block = gl.expand_dims(w_c * 32, 0) // BLOCKSIZE
+    s_ptrs = absmax_ptr + gl.expand_dims(w_rows * stride_a, 1) + s_block
+    x_m = gl.program_id(1) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, X_LAYOUT))
+    x_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, X_LAYOUT))
+    x_ptrs = x_ptr + gl.expand_dims(x_m * stride_xm, 1) + gl.expand_dims(x_k, 0)
+    x_ok = gl.expand_dims(x_m < M, 1)  # rows past M are copied as zeros
+    return w_ptrs, s_ptrs, x_ptrs, x_ok, gl.expand_dims(gl.expand_dims(w_n, 1), 2)
+
+
+@gluon.jit
+def store_out(
+    acc, out_ptr, M, N, stride_om, stride_ok, ACC_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+):  # fmt: skip
+    """Write this program's tile (out^T if W_LEFT) into out, or into its split's partials."""
+    m0 = gl.program_id(1) * BLOCK_M
+    n0 = gl.program_id(0) * BLOCK_N
+    if W_LEFT:
+        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        o_offs = gl.expand_dims(o_m * stride_om, 0) + gl.expand_dims(o_n, 1)
+        o_ok = gl.expand_dims(o_m < M, 0) & gl.expand_dims(o_n < N, 1)
+    else:
+        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        o_offs = gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
+        o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
+    pid_k = gl.program_id(2)
+    gl.store(out_ptr + pid_k * stride_ok + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 # Not specialized on M: eager steps (prefill chunks and mixed steps) bring row counts no CUDA
@@ -97,108 +230,53 @@ def wgmma_4bit_kernel(
     chunks: gl.constexpr = BLOCK_K // 32  # 16-byte chunks per weight row per step
     gl.static_assert(BLOCK_N >= (32 // chunks) * num_warps, "fewer weight rows than threads")
     gl.static_assert(NUM_STAGES >= 2, "copies run at least one step ahead")
-    dtype: gl.constexpr = x_ptr.dtype.element_ty
-    # Registers: [n, chunk, byte] for the weight bytes, [n, byte pair] for their 16-bit pairs.
-    w_layout: gl.constexpr = gl.BlockedLayout(
-        [1, 1, 16], [32 // chunks, chunks, 1], [num_warps, 1, 1], [2, 1, 0]
+    w_layout: gl.constexpr = byte_layout(BLOCK_K, num_warps)
+    x_layout: gl.constexpr = x_copy_layout(BLOCK_K, num_warps)
+    accumulator: gl.constexpr = acc_layout(W_LEFT, BLOCK_M, BLOCK_N, num_warps)
+    w_staging, s_staging, x_staging = allocate_stages(
+        x_ptr.dtype.element_ty, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K
     )
-    s_layout: gl.constexpr = gl.SliceLayout(2, w_layout)
-    pair_layout: gl.constexpr = gl.BlockedLayout(
-        [1, 16], [32 // chunks, chunks], [num_warps, 1], [1, 0]
-    )
-    x_layout: gl.constexpr = gl.BlockedLayout(
-        [1, 8], [32 // (BLOCK_K // 8), BLOCK_K // 8], [num_warps, 1], [1, 0]
-    )
-    if W_LEFT:  # acc = out^T: weight rows along the MMA's M, the batch along its N
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-        )
-    else:
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-    # Shared. Stages: the raw bytes and scales as each thread copies them (it alone reads them
-    # back), x's tiles 128-byte-swizzled for the MMA. Two weight tiles, written as int32 pairs
-    # and read as 16-bit values.
-    swizzle: gl.constexpr = 128 if BLOCK_K * 2 >= 128 else BLOCK_K * 2
-    smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle, 16, 2)
-    pair_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle, 32, 2)
-    # (A buffer of stages takes the layout of one stage.)
-    w_staging = gl.allocate_shared_memory(
-        gl.uint8, [NUM_STAGES, BLOCK_N, chunks, 16], gl.SwizzledSharedLayout(16, 1, 1, [2, 1, 0])
-    )
-    s_staging = gl.allocate_shared_memory(
-        gl.float32, [NUM_STAGES, BLOCK_N, chunks], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    )
-    x_staging = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], smem_layout)
-    w_tile0 = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], smem_layout)
-    w_tile1 = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], smem_layout)
+    # Two weight tiles, written as int32 pairs and read as 16-bit values.
+    smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[0]
+    pair_smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[1]
+    w_tile0 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
+    w_tile1 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
     w_pairs0 = w_tile0._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
     w_pairs1 = w_tile1._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
 
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
     pid_k = gl.program_id(2)
-    n0 = pid_n * BLOCK_N
-    m0 = pid_m * BLOCK_M
-
-    w_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-    w_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, s_layout))
-    w_b = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    w_rows = gl.minimum(n0 + w_n, N - 1)
-    w_ptrs = (
-        w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2)
-        + gl.expand_dims(gl.expand_dims(w_c * 16, 0), 2) + gl.expand_dims(gl.expand_dims(w_b, 0), 1)
+    w_ptrs, s_ptrs, x_ptrs, x_ok, table_lane = operand_pointers(
+        x_ptr, w_ptr, absmax_ptr, M, N, stride_xm, stride_w, stride_a, BLOCKSIZE, BLOCK_M,
+        BLOCK_N, BLOCK_K, w_layout, x_layout,
     )  # fmt: skip
-    # The absmax block of each chunk's first value (k is a multiple of BLOCK_K, and BLOCK_K and
-    # the blocksize are powers of two, so the step's block index adds on).
-    s_block = gl.expand_dims(w_c * 32, 0) // BLOCKSIZE
-    s_ptrs = absmax_ptr + gl.expand_dims(w_rows * stride_a, 1) + s_block
     # This dtype's table (code_table), one copy per lane.
-    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
-        table_ptr, gl.expand_dims(gl.expand_dims(w_n, 1), 2), X_FP16
-    )
-
-    x_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
-    x_k = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))
-    x_ptrs = x_ptr + gl.expand_dims(x_m * stride_xm, 1) + gl.expand_dims(x_k, 0)
-    x_ok = gl.expand_dims(x_m < M, 1)  # rows past M are copied as zeros
+    t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(table_ptr, table_lane, X_FP16)
 
     if W_LEFT:
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=acc_layout)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=accumulator)
     else:
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=acc_layout)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=accumulator)
     n_steps = (K // BLOCK_K - pid_k + SPLIT_K - 1) // SPLIT_K
     for j in gl.static_range(NUM_STAGES - 1):
-        _copy_step(
-            j, n_steps, w_staging.index(j), s_staging.index(j), x_staging.index(j), w_ptrs,
-            s_ptrs, x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
+        copy_step(
+            j, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k,
+            SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
+    pairs_layout: gl.constexpr = pair_layout(BLOCK_K, num_warps)
     # Two steps per iteration, one per weight tile.
     for i in range(0, n_steps, 2):
         acc = _mma_step(
             i, n_steps, acc, w_staging, s_staging, x_staging, w_tile0, w_pairs0, w_ptrs,
             s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-            w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
+            w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
         if i + 1 < n_steps:
             acc = _mma_step(
                 i + 1, n_steps, acc, w_staging, s_staging, x_staging, w_tile1, w_pairs1, w_ptrs,
                 s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-                w_layout, pair_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
+                w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
                 BLOCKSIZE,
             )  # fmt: skip
     acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)  # no copy outlives the program
-
-    if W_LEFT:
-        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc_layout))
-        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))
-        o_offs = gl.expand_dims(o_m * stride_om, 0) + gl.expand_dims(o_n, 1)
-        o_ok = gl.expand_dims(o_m < M, 0) & gl.expand_dims(o_n < N, 1)
-    else:
-        o_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
-        o_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
-        o_offs = gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
-        o_ok = gl.expand_dims(o_m < M, 1) & gl.expand_dims(o_n < N, 0)
-    gl.store(out_ptr + pid_k * stride_ok + o_offs, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+    store_out(acc, out_ptr, M, N, stride_om, stride_ok, accumulator, W_LEFT, BLOCK_M, BLOCK_N)
