@@ -92,11 +92,10 @@ class LLM:
         for prompt, params in zip(prompts, params_list, strict=True):
             text, token_ids = self._tokenize(prompt)
             engine.validate_prompt(token_ids, params)  # all valid before any runs
-            requests.append((str(next(self._request_ids)), text, token_ids, params))
-        for request_id, text, token_ids, params in requests:
             # Only finished outputs are returned here: the engine need not build the others.
             params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-            engine.add_request(request_id, text, params, prompt_token_ids=token_ids)
+            requests.append((str(next(self._request_ids)), text, params, token_ids))
+        engine.add_requests(requests)  # one batch: a worker group's rank 0 schedules it whole
         return self._run([r[0] for r in requests], use_tqdm)
 
     def chat(

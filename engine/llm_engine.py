@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -24,6 +24,9 @@ from engine.stats import FinishedStats, StepStats
 from engine.validation import RequestLimits, validate_request
 
 logger = logging.getLogger(__name__)
+
+# A request as a driver hands it over: (request_id, prompt, params, prompt_token_ids).
+NewRequest = tuple[str, str | None, SamplingParams, list[int] | None]
 
 
 class LLMEngine:
@@ -98,6 +101,12 @@ class LLMEngine:
         )
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def add_requests(self, requests: Iterable[NewRequest]) -> None:
+        """add_request for each (request_id, prompt, params, prompt_token_ids), in order (a
+        worker group's engine sends such a batch to rank 0 as one message)."""
+        for request_id, prompt, params, prompt_token_ids in requests:
+            self.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids)
 
     def _new_sequence(self, request_id, index, prompt_token_ids, params, arrival_time) -> Sequence:
         generator = None

@@ -3,7 +3,10 @@ for drivers in another process: the offline LLM with tensor_parallel_size > 1, a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from engine.config import EngineConfig
+from engine.llm_engine import NewRequest
 from engine.model_files import load_tokenizer
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -37,11 +40,19 @@ class GroupEngine:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
-        if prompt_token_ids is None:
-            prompt_token_ids = self.tokenizer.encode(prompt)
-        self.validate_prompt(prompt_token_ids, params)
-        self.unfinished.add(request_id)
-        self.group.submit([AddRequest(request_id, prompt, list(prompt_token_ids), params)])
+        self.add_requests([(request_id, prompt, params, prompt_token_ids)])
+
+    def add_requests(self, requests: Iterable[NewRequest]) -> None:
+        """add_request for each (request_id, prompt, params, prompt_token_ids), all checked
+        first and sent to rank 0 as one message: its next step sees every one of them."""
+        messages = []
+        for request_id, prompt, params, prompt_token_ids in requests:
+            if prompt_token_ids is None:
+                prompt_token_ids = self.tokenizer.encode(prompt)
+            self.validate_prompt(prompt_token_ids, params)
+            messages.append(AddRequest(request_id, prompt, list(prompt_token_ids), params))
+        self.unfinished.update(m.request_id for m in messages)
+        self.group.submit(messages)
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self.unfinished:

@@ -44,7 +44,8 @@ class Worker:
         self.config = config
         self.engine: LLMEngine | None = None
         self.cpu_group = None
-        self._inbox: queue.Queue[AddRequest | AbortRequest] = queue.Queue()
+        # One item per submit() call: a batch of requests is added before the next step.
+        self._inbox: queue.Queue[list[AddRequest | AbortRequest]] = queue.Queue()
         self._outbox: list[RequestOutput] = []
         self._rejected: list[tuple[str, str]] = []
         self._has_output = threading.Condition()
@@ -100,8 +101,7 @@ class Worker:
     # Rank 0.
 
     def submit(self, messages: list[AddRequest | AbortRequest]) -> None:
-        for message in messages:
-            self._inbox.put(message)
+        self._inbox.put(messages)
 
     def poll(self, timeout_s: float) -> OutputBatch:
         """Wait up to timeout_s for outputs; return all that have accumulated."""
@@ -139,13 +139,14 @@ class Worker:
     def _drain_inbox(self, block: bool) -> bool:
         """Handle every waiting message; True if there was any."""
         try:
-            message = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            messages = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return False
         while True:
-            self._handle(message)
+            for message in messages:
+                self._handle(message)
             try:
-                message = self._inbox.get_nowait()
+                messages = self._inbox.get_nowait()
             except queue.Empty:
                 return True
 

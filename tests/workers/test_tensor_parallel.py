@@ -121,3 +121,31 @@ def test_killed_worker_ends_requests_with_an_error_and_group_rebuilds(checkpoint
         assert all(len(o.outputs[0].token_ids) == 4 for o in out)
     finally:
         rebuilt.shutdown()
+
+
+def test_a_generate_batch_reaches_rank_0_whole(checkpoints):
+    """LLM.generate hands the group its prompts in one message, so rank 0's first step holds
+    all of them; sent one by one, rank 0 starts stepping on the first while the rest arrive."""
+
+    def record_schedule_sizes(worker) -> None:  # runs on rank 0 (nested: pickled by value)
+        engine = worker.engine
+        engine.schedule_sizes = sizes = []
+        schedule = engine.scheduler.schedule
+
+        def recorded():
+            out = schedule()
+            sizes.append(len(out.scheduled))
+            return out
+
+        engine.scheduler.schedule = recorded
+
+    llm = LLM(model=str(checkpoints("llama")), tensor_parallel_size=2)
+    try:
+        rank0 = llm.llm_engine.group.workers[0]
+        ray.get(rank0.__ray_call__.remote(record_schedule_sizes))
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        llm.generate(PROMPTS, params, use_tqdm=False)
+        sizes = ray.get(rank0.__ray_call__.remote(lambda worker: worker.engine.schedule_sizes))
+    finally:
+        llm.shutdown()
+    assert sizes[0] == len(PROMPTS), sizes
