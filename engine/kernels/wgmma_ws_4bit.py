@@ -18,7 +18,6 @@ Measured on an H200 it is no faster than the plain kernel except on a few layer 
 128-256 rows (README, "Per-layer linear time"): switching its parts off showed the copies, not
 the decode, taking most of the time."""
 
-
 from __future__ import annotations
 
 from triton.experimental import gluon
