@@ -73,11 +73,11 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     # Hopper: the Gluon kernel staging decoded weights for warpgroup MMAs; the weights as the
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
+    w_left_bm = min(max(8, triton.next_power_of_2(m)), 128)  # the batch as the MMA's N
     for bn, bk, split, warps, stages in itertools.product(
         (64, 128, 256), (64, 128), splits, (4, 8), (3, 4)
     ):
-        bm = min(max(8, triton.next_power_of_2(m)), 128)
-        out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=True))
+        out.append(KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True))
         if m >= 32:
             bm = 16 * warps
             out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
@@ -88,8 +88,9 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             (64, 128, 256), (64, 128), splits, ((4, 2), (6, 2)), DECODE_WARPS[-1:]
         ):  # 8 decoder warps and 2 tiles: faster than 4 warps, or 3 tiles, wherever measured
             ws = dict(decode_warps=decoders, decode_tiles=tiles)
-            bm = min(max(8, triton.next_power_of_2(m)), 128)
-            out.append(KernelConfig("wgmma", bm, bn, bk, split, 4, stages, w_left=True, **ws))
+            out.append(
+                KernelConfig("wgmma", w_left_bm, bn, bk, split, 4, stages, w_left=True, **ws)
+            )
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **ws))
     # At most 128 fp32 accumulators per thread: more spill.

@@ -184,23 +184,22 @@ MMA_BLOCK_M = (8, 16, 32, 64)  # x rows the register MMA kernel holds: 8 per MMA
 DECODE_WARPS = (4, 8)  # the warp-specialized warpgroup kernel's decoder partition sizes
 # Registers per thread of its decoders, and the kernel's cap (one program per SM: 64K
 # registers over its threads; the MMA warpgroup gets what the decoders leave).
-_DECODE_REGS = {4: (232, 256), 8: (152, 168)}
+DECODE_REGS = {4: (232, 256), 8: (152, 168)}
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
     """Whether the warpgroup kernel can tile this way: whole 16-byte chunks per thread, enough
     weight rows for every thread, and MMA shapes Hopper has (M 64 per warpgroup, N 8-256)."""
     bm, bn, bk, warps = config.block_m, config.block_n, config.block_k, config.num_warps
-    if bk not in (32, 64, 128) or warps not in (4, 8) or bn < (32 // (bk // 32)) * warps:
+    decoders = config.decode_warps or warps  # the warps that copy and decode the weight rows
+    if bk not in (32, 64, 128) or warps not in (4, 8) or bn < (32 // (bk // 32)) * decoders:
         return False
     if config.num_stages < 2:  # copies run at least one step ahead
         return False
-    if config.decode_warps:  # warp-specialized: one MMA warpgroup, the decoders cover the rows
+    if config.decode_warps:  # warp-specialized: one MMA warpgroup
         if warps != 4 or config.decode_warps not in DECODE_WARPS:
             return False
         if config.decode_tiles not in (2, 3) or config.num_stages <= config.decode_tiles:
-            return False
-        if bn < (32 // (bk // 32)) * config.decode_warps:
             return False
     if bm & (bm - 1) or bn & (bn - 1):  # Gluon tensors have power-of-two shapes
         return False
@@ -339,7 +338,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
     if config.decode_warps:
         from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
 
-        decode_regs, maxnreg = _DECODE_REGS[config.decode_warps]
+        decode_regs, maxnreg = DECODE_REGS[config.decode_warps]
         wgmma_ws_4bit_kernel[grid](
             *args, **tiles, DECODE_WARPS=config.decode_warps, DECODE_REGS=decode_regs,
             DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon")
 
-from engine.kernels.matmul_4bit import _DECODE_REGS, KernelConfig  # noqa: E402
+from engine.kernels.matmul_4bit import DECODE_REGS, KernelConfig  # noqa: E402
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
@@ -47,7 +47,7 @@ def _compile(config: KernelConfig):
         "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
         "stride_om": "i32", "stride_ok": "i32", "stride_w": "i32", "stride_a": "i32",
     }  # fmt: skip
-    decode_regs, maxnreg = _DECODE_REGS[config.decode_warps]
+    decode_regs, maxnreg = DECODE_REGS[config.decode_warps]
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, SPLIT_K=config.split_k, W_LEFT=config.w_left,
@@ -68,7 +68,7 @@ def test_warp_specialized_launch_compiles_for_hopper(config, tmp_path):
     kernel = _compile(config)
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     ptx = kernel.asm["ptx"]
-    decode_regs = _DECODE_REGS[config.decode_warps][0]
+    decode_regs = DECODE_REGS[config.decode_warps][0]
     # The decoder partition's register budget, set as it starts.
     assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t{decode_regs};", ptx)
     assert "wgmma.mma_async" in ptx and "mbarrier.try_wait" in ptx
