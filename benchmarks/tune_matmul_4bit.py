@@ -93,6 +93,18 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             )
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **ws))
+        # Fed by TMA: one loader warp instead of the decoders' per-thread copies (128-value
+        # steps won every bucket where 64 were measured too).
+        for bn, split, stages, decoders in itertools.product(
+            (64, 128), splits, (4, 6), DECODE_WARPS
+        ):
+            bk = 128
+            tma = dict(decode_warps=decoders, tma=True)
+            out.append(
+                KernelConfig("wgmma", w_left_bm, bn, bk, split, 4, stages, w_left=True, **tma)
+            )
+            if m >= 64:
+                out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
     # At most 128 fp32 accumulators per thread: more spill.
     out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:
@@ -239,6 +251,7 @@ def main() -> None:
             kind += "-packed" if cfg.packed_fma else ""
             kind += "-persistent" if cfg.programs_per_sm else ""
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
+            kind += "-tma" if cfg.tma else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

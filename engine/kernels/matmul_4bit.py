@@ -94,6 +94,9 @@ class KernelConfig:
     # copies run num_stages - decode_tiles steps ahead).
     decode_warps: int = 0
     decode_tiles: int = 2
+    # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
+    # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
+    tma: bool = False
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -185,6 +188,8 @@ DECODE_WARPS = (4, 8)  # the warp-specialized warpgroup kernel's decoder partiti
 # Registers per thread of its decoders, and the kernel's cap (one program per SM: 64K
 # registers over its threads; the MMA warpgroup gets what the decoders leave).
 DECODE_REGS = {4: (232, 256), 8: (152, 168)}
+# The same with the TMA loader warp beside them: (decoders', loader's, kernel cap).
+TMA_REGS = {4: (232, 24, 168), 8: (152, 24, 128)}
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
@@ -195,6 +200,8 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
     if bk not in (32, 64, 128) or warps not in (4, 8) or bn < (32 // (bk // 32)) * decoders:
         return False
     if config.num_stages < 2:  # copies run at least one step ahead
+        return False
+    if config.tma and not config.decode_warps:  # the TMA loader is a warp-specialized partition
         return False
     if config.decode_warps:  # warp-specialized: one MMA warpgroup
         if warps != 4 or config.decode_warps not in DECODE_WARPS:
@@ -335,7 +342,9 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         W_LEFT=config.w_left, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
-    if config.decode_warps:
+    if config.tma:
+        _launch_wgmma_tma(x2, packed, grid, args, tiles, config)
+    elif config.decode_warps:
         from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
 
         decode_regs, maxnreg = DECODE_REGS[config.decode_warps]
@@ -345,3 +354,34 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         )  # fmt: skip
     else:
         wgmma_4bit_kernel[grid](*args, **tiles)
+
+
+@functools.cache
+def _tma_tile_layouts(block_k: int):
+    """Shared layouts of x's tile and of the packed bytes' tile, as TMA writes them (computed
+    once: building them costs more than the descriptors)."""
+    from engine.kernels.wgmma_4bit import tile_layouts
+    from engine.kernels.wgmma_tma_4bit import packed_tile_layout
+
+    return tile_layouts(block_k)[0], packed_tile_layout(block_k)
+
+
+def _launch_wgmma_tma(x2, packed, grid, args, tiles, config) -> None:
+    """The warpgroup kernel fed by TMA: x [M, K] and the packed bytes [N, K / 2] as tensor
+    descriptors of one K step's tiles (built per call, about 16 us on the host: inside a CUDA
+    graph they are captured with the launch)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from engine.kernels.wgmma_tma_4bit import wgmma_tma_4bit_kernel
+
+    n, k = args[6], args[7]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    x_layout, w_layout = _tma_tile_layouts(bk)
+    x_desc = TensorDescriptor.from_tensor(x2, [bm, bk], x_layout)
+    rows = packed.view(torch.uint8).reshape(n, k // 2)
+    w_desc = TensorDescriptor.from_tensor(rows, [bn, bk // 2], w_layout)
+    decode_regs, loader_regs, maxnreg = TMA_REGS[config.decode_warps]
+    wgmma_tma_4bit_kernel[grid](
+        x_desc, w_desc, *args, **tiles, DECODE_WARPS=config.decode_warps, DECODE_REGS=decode_regs,
+        DECODE_TILES=config.decode_tiles, LOADER_REGS=loader_regs, maxnreg=maxnreg,
+    )  # fmt: skip

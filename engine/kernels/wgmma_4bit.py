@@ -57,6 +57,16 @@ def decode_stage(
     in the layout the threads store the weight tile in."""
     packed = w_staging.index(stage).load(W_LAYOUT)
     scale = s_staging.index(stage).load(gl.SliceLayout(2, W_LAYOUT))
+    return decode_tile_rows(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, PAIR_LAYOUT)
+
+
+@gluon.jit
+def decode_tile_rows(
+    packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
+    PAIR_LAYOUT: gl.constexpr,
+):  # fmt: skip
+    """Packed bytes [n, chunk, byte] and their absmax [n, chunk] -> scaled 16-bit pairs
+    [n, byte pair] in the layout the threads store the weight tile in."""
     pairs = decode_pairs(packed, scale, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16)
     shape: gl.constexpr = [pairs.shape[0], pairs.shape[1] * pairs.shape[2]]
     return gl.convert_layout(gl.reshape(pairs, shape), PAIR_LAYOUT)

@@ -154,6 +154,11 @@ def _kernel_variants() -> list:
                 "wgmma", 64, 64, 64, 2, 4, 6, w_left=False, decode_warps=4, decode_tiles=3
             ),
             KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
+            # Fed by TMA (a loader warp beside them).
+            KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=8, tma=True),
+            KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, w_left=True, decode_warps=4, tma=True),
+            KernelConfig("wgmma", 128, 128, 64, 1, 4, 4, decode_warps=8, decode_tiles=3, tma=True),
+            KernelConfig("wgmma", 64, 64, 128, 2, 4, 4, w_left=False, decode_warps=4, tma=True),
         ]
     return variants
 

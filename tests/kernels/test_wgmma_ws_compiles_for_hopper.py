@@ -1,7 +1,7 @@
-"""The warp-specialized warpgroup kernel compiled for sm_90 on this machine (Triton cross-compiles
-with its own ptxas; no GPU needed), as CI runs it, for every launch the tuned table ships and a
-few more: it builds, fits an SM's shared memory, hands its decoder warps the registers the
-launcher asks for, and spills nothing."""
+"""The warp-specialized warpgroup kernels (cp.async-fed and TMA-fed) compiled for sm_90 on this
+machine (Triton cross-compiles with its own ptxas; no GPU needed), as CI runs it, for every
+launch the tuned table ships and a few more: each builds, fits an SM's shared memory, hands its
+decoder warps the registers the launcher asks for, and spills nothing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon")
 
-from engine.kernels.matmul_4bit import DECODE_REGS, KernelConfig  # noqa: E402
+from engine.kernels.matmul_4bit import DECODE_REGS, TMA_REGS, KernelConfig  # noqa: E402
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
@@ -30,33 +30,61 @@ def _launches() -> list[KernelConfig]:
     others = {
         KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
         KernelConfig("wgmma", 16, 64, 128, 4, 4, 5, decode_warps=4, decode_tiles=3),
+        KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False, decode_warps=8, tma=True),
+        KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, decode_warps=4, tma=True),
     }
     return sorted(shipped | others, key=str)
 
 
+def _decode_regs(config: KernelConfig) -> tuple[int, int]:
+    """The decoders' registers and the kernel's cap, as the launcher passes them."""
+    if config.tma:
+        decode_regs, _, maxnreg = TMA_REGS[config.decode_warps]
+        return decode_regs, maxnreg
+    return DECODE_REGS[config.decode_warps]
+
+
 def _compile(config: KernelConfig):
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
 
+    from engine.kernels.wgmma_4bit import tile_layouts
+    from engine.kernels.wgmma_tma_4bit import packed_tile_layout, wgmma_tma_4bit_kernel
     from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
 
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
     out = "*bf16" if config.split_k == 1 else "*fp32"
     signature = {
         "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
         "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
         "stride_om": "i32", "stride_ok": "i32", "stride_w": "i32", "stride_a": "i32",
     }  # fmt: skip
-    decode_regs, maxnreg = DECODE_REGS[config.decode_warps]
+    aligned = (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)  # pointers, K and the strides
+    decode_regs, maxnreg = _decode_regs(config)
     constants = dict(
-        BLOCKSIZE=64, X_FP16=False, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=config.split_k, W_LEFT=config.w_left,
-        NUM_STAGES=config.num_stages, DECODE_WARPS=config.decode_warps,
+        BLOCKSIZE=64, X_FP16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=config.split_k,
+        W_LEFT=config.w_left, NUM_STAGES=config.num_stages, DECODE_WARPS=config.decode_warps,
         DECODE_REGS=decode_regs, DECODE_TILES=config.decode_tiles,
     )  # fmt: skip
+    kernel = wgmma_ws_4bit_kernel
+    if config.tma:  # the descriptors come first; their types name the blocks and layouts
+        x = TensorDescriptor.from_tensor(
+            torch.empty(bm, 4096, dtype=torch.bfloat16), [bm, bk], tile_layouts(bk)[0]
+        )
+        w = TensorDescriptor.from_tensor(
+            torch.empty(bn, 2048, dtype=torch.uint8), [bn, bk // 2], packed_tile_layout(bk)
+        )
+        signature = {"x_desc": mangle_type(x), "w_desc": mangle_type(w), **signature}
+        aligned = tuple(i + 2 for i in aligned)
+        constants["LOADER_REGS"] = TMA_REGS[config.decode_warps][1]
+        kernel = wgmma_tma_4bit_kernel
     signature.update(dict.fromkeys(constants, "constexpr"))
-    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
-    source = GluonASTSource(wgmma_ws_4bit_kernel, signature, constants, aligned)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    source = GluonASTSource(kernel, signature, constants, attrs)
     options = {"num_warps": config.num_warps, "maxnreg": maxnreg}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -68,10 +96,12 @@ def test_warp_specialized_launch_compiles_for_hopper(config, tmp_path):
     kernel = _compile(config)
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     ptx = kernel.asm["ptx"]
-    decode_regs = DECODE_REGS[config.decode_warps][0]
+    decode_regs = _decode_regs(config)[0]
     # The decoder partition's register budget, set as it starts.
     assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t{decode_regs};", ptx)
     assert "wgmma.mma_async" in ptx and "mbarrier.try_wait" in ptx
+    if config.tma:
+        assert "cp.async.bulk.tensor" in ptx  # the loader's copies
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not os.access(cuobjdump, os.X_OK):
         pytest.skip("Triton ships no cuobjdump here: spills unchecked")
