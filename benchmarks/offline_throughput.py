@@ -120,12 +120,16 @@ def main() -> None:
         )  # fmt: skip
         report = llm.llm_engine.runner.load_report
         graphs = llm.llm_engine.runner.graphs
+        prefill_graphs = llm.llm_engine.runner.prefill_graphs
         load = {
             "inflight_load_s": round(report.load_seconds, 2),
             "inflight_quantize_s": round(report.quantization_seconds, 2),
             "weight_GiB": round(report.weight_bytes / 2**30, 3),
             "weight_ratio_to_16bit": round(report.ratio_to_16bit, 3),
             "graph_capture_s": round(graphs.capture_seconds, 2) if graphs else None,
+            "prefill_graph_capture_s": (
+                round(prefill_graphs.capture_seconds, 2) if prefill_graphs else None
+            ),
         }
         if cuda:
             load["peak_gpu_GiB_at_init"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -56,6 +56,7 @@ class DecodeGraphRunner:
         ]
         self._turn = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # the graphs' memory pool, once captured (prefill graphs share it)
         self.capture_seconds = 0.0
 
     def _forward(self, batch: int) -> torch.Tensor:
@@ -99,6 +100,7 @@ class DecodeGraphRunner:
                 out = self._forward(batch)
             pool = graph.pool()
             self.graphs[batch] = (graph, out)
+        self.pool = pool
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info(

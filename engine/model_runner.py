@@ -26,6 +26,7 @@ from engine.kv_cache import (
 )
 from engine.layers.quant import QuantizationConfig
 from engine.loader import load_model
+from engine.prefill_graphs import PREFILL_SIZES, PrefillGraphRunner
 from engine.sampler import SampledToken, Sampler, SamplerOutput, logprob_entry, logprob_tensors
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -88,6 +89,7 @@ class ModelRunner:
         enable_kernels(self.model, self.use_kernels)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the cache exists
+        self.prefill_graphs: PrefillGraphRunner | None = None  # the same, for one-sequence prefill
         self.cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
         if self.cache_dtype.itemsize == 1 and self.use_kernels:
             if torch.cuda.get_device_capability(device) < (8, 9):
@@ -113,6 +115,12 @@ class ModelRunner:
             )
             if not self._min_across_ranks(int(self.graphs.capture())):
                 self.graphs = None
+            limit = min(config.batched_tokens_limit, max_model_len)
+            sizes = tuple(s for s in PREFILL_SIZES if s <= limit)
+            if self.graphs is not None and sizes:
+                self.prefill_graphs = PrefillGraphRunner(self.model, sizes, self.block_size, device)
+                if not self._min_across_ranks(int(self.prefill_graphs.capture(self.graphs.pool))):
+                    self.prefill_graphs = None
 
     @staticmethod
     def _use_kernels(choice: str, device: torch.device) -> bool:
@@ -216,17 +224,33 @@ class ModelRunner:
     def _replay_graph(
         self, plan: StepPlan, device_input_ids: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Hidden states from a captured CUDA graph, for a decode-only step that fits one."""
-        if self.graphs is None or len(plan.batches) != 1 or plan.prompt_rows:
+        """Hidden states from a captured CUDA graph, for a decode-only step that fits one or the
+        prefill step of one sequence that fits one."""
+        if self.graphs is None or len(plan.batches) != 1:
             return None
         batch = plan.batches[0]
         num_blocks = len(batch.block_tables[0])
+        if len(batch.query_positions[0]) > 1:  # a prefill group
+            return self._replay_prefill_graph(plan)
+        if plan.prompt_rows:
+            return None
         if not self.graphs.can_run(len(plan.input_ids), len(batch.query_positions[0]), num_blocks):
             return None
         return self.graphs.run(
             plan.input_ids, plan.positions, plan.slot_mapping, batch.context_lens,
             batch.block_tables, device_input_ids,
         )  # fmt: skip
+
+    def _replay_prefill_graph(self, plan: StepPlan) -> torch.Tensor | None:
+        batch = plan.batches[0]
+        if self.prefill_graphs is None or len(batch.block_tables) != 1:
+            return None
+        table = batch.block_tables[0]
+        if self.prefill_graphs.bucket(len(plan.input_ids), len(table)) is None:
+            return None
+        return self.prefill_graphs.run(
+            plan.input_ids, plan.positions, plan.slot_mapping, table, batch.context_lens[0]
+        )
 
     # One whole step on rank 0.
 

@@ -54,8 +54,11 @@ class Attention(nn.Module):
             flat_keys = key_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_values = value_cache.view(-1, self.num_kv_heads, self.head_dim)
             shape = (-1, self.num_kv_heads, self.head_dim)
-            flat_keys[metadata.slot_mapping] = k.reshape(shape).to(flat_keys.dtype)
-            flat_values[metadata.slot_mapping] = v.reshape(shape).to(flat_values.dtype)
+            # Slot -1 marks a padding token (CUDA-graph buckets): skipped, as the kernel does.
+            keep = metadata.slot_mapping >= 0
+            slots = metadata.slot_mapping[keep]
+            flat_keys[slots] = k.reshape(shape)[keep].to(flat_keys.dtype)
+            flat_values[slots] = v.reshape(shape)[keep].to(flat_values.dtype)
 
         q = q.view(-1, self.num_heads, self.head_dim)
         outputs = []

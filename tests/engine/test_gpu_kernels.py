@@ -80,3 +80,30 @@ def test_graph_replay_equals_eager_kernels(checkpoints):
             assert {t: round(v.logprob, 4) for t, v in a.items()} == {
                 t: round(v.logprob, 4) for t, v in b.items()
             }
+
+
+def test_one_sequence_prefill_replays_its_graph(checkpoints):
+    """Prompts generated one at a time prefill through the prefill graphs (padded to a token
+    bucket): the greedy tokens of eager steps, first-token logprobs within bf16 rounding (the
+    padded step's matmuls run the next bucket's kernels)."""
+    path = str(checkpoints("llama"))
+    outs = {}
+    for eager in (False, True):
+        llm = LLM(
+            model=path, quantization="bitsandbytes", dtype="bfloat16", enforce_eager=eager,
+            kv_cache_memory_bytes=1 << 28,
+        )  # fmt: skip
+        graphs = llm.llm_engine.runner.prefill_graphs
+        assert (graphs is None) == eager
+        outs[eager] = [run(llm, [prompt])[0] for prompt in PROMPTS]
+        if graphs is not None:
+            assert graphs.replays == len(PROMPTS)
+        assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.runner.num_blocks
+        del llm
+    identical = 0
+    for graph, eager in zip(outs[False], outs[True], strict=True):
+        a, b = graph.outputs[0], eager.outputs[0]
+        identical += a.token_ids == b.token_ids
+        first = a.token_ids[0]
+        assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05
+    assert identical >= len(PROMPTS) - 1, f"{identical}/{len(PROMPTS)} identical"
