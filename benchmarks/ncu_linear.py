@@ -9,26 +9,33 @@ launches a decode step makes (issue-slot use, stall reasons, DRAM throughput).
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
 from benchmarks.llama2_7b_layers import LLAMA2_7B, quantized_layer, weight_copies
-from engine.kernels.matmul_4bit import choose_config, matmul_4bit
+from engine.kernels.matmul_4bit import KernelConfig, choose_config, matmul_4bit
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--layers", nargs="+", default=list(LLAMA2_7B), help="of " + str(list(LLAMA2_7B))
+    )
+    parser.add_argument("--config", help="a KernelConfig as JSON, instead of the tuned table's")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
-    layers = {name: quantized_layer(n, k, device) for name, (n, k) in LLAMA2_7B.items()}
+    layers = {name: quantized_layer(*LLAMA2_7B[name], device) for name in args.layers}
     copies = {name: weight_copies(layer) for name, layer in layers.items()}
+    forced = KernelConfig(**json.loads(args.config)) if args.config else None
     for m in args.batch_sizes:
-        for name, (n, k) in LLAMA2_7B.items():
+        for name in args.layers:
+            n, k = LLAMA2_7B[name]
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            config = choose_config(m, n, k, device)
+            config = forced or choose_config(m, n, k, device)
             print(f"batch {m} {name} {n}x{k}: {config}", flush=True)
             for _ in range(args.rounds):
                 for packed, absmax in copies[name]:
