@@ -91,8 +91,9 @@ class EngineConfig(BaseModel):
     )
     enforce_eager: bool = Field(
         False,
-        description="Run every step eagerly; otherwise decode steps replay CUDA graphs "
-        "(on CUDA with the Triton kernels; with tensor parallelism, on every rank).",
+        description="Run every step eagerly; otherwise decode steps, and one sequence's "
+        "prefill of up to 256 tokens, replay CUDA graphs (on CUDA with the Triton kernels; with "
+        "tensor parallelism, on every rank).",
     )
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto",

@@ -17,7 +17,8 @@ Three kernels, named by `KernelConfig.kernel`:
 - "wgmma" (`wgmma_4bit.py`, Gluon, Hopper only): more rows; decoded, scaled 16-bit weights
   staged in double-buffered shared memory for asynchronous warpgroup MMAs, the weights as the
   MMA's 64-row side (`w_left`, small batches) or x. With `decode_warps`, warp-specialized
-  (`wgmma_ws_4bit.py`): those warps copy and decode while one warpgroup issues the MMAs.
+  (`wgmma_ws_4bit.py`): those warps copy and decode while one warpgroup issues the MMAs; with
+  `tma` as well (`wgmma_tma_4bit.py`), one more warp brings the operands in by TMA.
 - "gemm" (`gemm_4bit.py`, Triton, any GPU): more rows; W decoded, scaled and cast in
   registers as the left (`w_left`) or right operand of `tl.dot`, x's even and odd columns
   meeting W's high and low nibbles as two dots.
