@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,29 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     limit = min(max_num_seqs, 256)
     sizes = [s for s in [1, 2, 4, *range(8, 65, 8), *range(96, 257, 32)] if s <= limit]
     return sizes if limit in sizes else [*sizes, limit]
+
+
+def capture_buckets(
+    forward: Callable[[int], torch.Tensor],
+    sizes: list[int],
+    device: torch.device,
+    pool: tuple | None = None,
+) -> tuple[dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]], tuple]:
+    """forward(size) captured for every size into one memory pool (a new one unless given),
+    largest first so that later graphs reuse its memory: ({size: (graph, its output)}, pool)."""
+    graphs = {}
+    for size in sorted(sizes, reverse=True):
+        forward(size)  # warm-up: compiles the Triton kernels for this shape
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads' CUDA calls (the NCCL watchdog's event queries, with
+        # tensor parallelism) must not invalidate this thread's capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out = forward(size)
+        pool = graph.pool()
+        graphs[size] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs, pool
 
 
 class DecodeGraphRunner:
@@ -89,19 +113,7 @@ class DecodeGraphRunner:
         start = time.perf_counter()
         self.inputs[2].fill_(-1)  # capture-time rows write nothing to the cache
         self.inputs[3].zero_()
-        pool = None
-        for batch in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            self._forward(batch)  # warm-up: compiles the Triton kernels for this shape
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' CUDA calls (the NCCL watchdog's event queries, with
-            # tensor parallelism) must not invalidate this thread's capture.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = (graph, out)
-        self.pool = pool
-        torch.cuda.synchronize(self.device)
+        self.graphs, self.pool = capture_buckets(self._forward, self.sizes, self.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info(
             "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",

@@ -21,6 +21,7 @@ import time
 import torch
 from torch import nn
 
+from engine.cuda_graphs import capture_buckets
 from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
 
 logger = logging.getLogger(__name__)
@@ -86,15 +87,7 @@ class PrefillGraphRunner:
         self.inputs.zero_()
         self.inputs[2].fill_(-1)  # capture-time tokens write nothing to the cache
         self.context_len.fill_(1)
-        for size in reversed(self.sizes):  # largest first: later graphs reuse its memory
-            self.forward(size)  # warm-up: compiles the kernels for this many rows
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = self.forward(size)
-            pool = graph.pool()
-            self.graphs[size] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs, _ = capture_buckets(self.forward, self.sizes, self.device, pool)
         self.capture_seconds = time.perf_counter() - start
         logger.info(
             "captured %d prefill CUDA graphs (%d..%d tokens) in %.1f s",

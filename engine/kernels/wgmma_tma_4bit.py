@@ -34,8 +34,8 @@ from engine.kernels.wgmma_4bit import (
     pair_layout,
     start_mma,
     store_out,
-    tile_layouts,
 )
+from engine.kernels.wgmma_ws_4bit import allocate_tile_ring
 
 
 @gluon.constexpr_function
@@ -169,23 +169,13 @@ def wgmma_tma_4bit_kernel(
         gl.uint8, [NUM_STAGES, BLOCK_N, BLOCK_K // 2], w_desc.layout
     )
     x_stages = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    # The ring of decoded weight tiles, written as int32 pairs and read as 16-bit values.
-    smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[0]
-    pair_smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[1]
-    w_tiles = gl.allocate_shared_memory(dtype, [DECODE_TILES, BLOCK_N, BLOCK_K], smem_layout)
-    w_pairs = w_tiles._reinterpret(
-        gl.int32, [DECODE_TILES, BLOCK_N, BLOCK_K // 2], pair_smem_layout
-    )
+    w_tiles, w_pairs, decoded, mma_done = allocate_tile_ring(dtype, DECODE_TILES, BLOCK_N, BLOCK_K)
+    # A stage is `ready` once its bytes have landed and `free` once the MMA that read it is over.
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    decoded = gl.allocate_shared_memory(gl.int64, [DECODE_TILES, 1], mbarrier.MBarrierLayout())
-    mma_done = gl.allocate_shared_memory(gl.int64, [DECODE_TILES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(free.index(s), count=1)
-    for b in gl.static_range(DECODE_TILES):
-        mbarrier.init(decoded.index(b), count=1)
-        mbarrier.init(mma_done.index(b), count=1)
     fence_async_shared()  # the barriers are initialised before TMA signals them
 
     pid_k = gl.program_id(2)

@@ -116,6 +116,25 @@ def _decode_partition(
     async_copy.wait_group(0)  # no copy outlives the program
 
 
+@gluon.jit
+def allocate_tile_ring(
+    dtype: gl.constexpr, TILES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr
+):  # fmt: skip
+    """The ring of decoded weight tiles (as 16-bit values, and as the int32 pairs the decoders
+    write) and its hand-over barriers, initialised: `decoded[t]` when tile t is written,
+    `mma_done[t]` when the MMA that read it is over."""
+    tile_smem: gl.constexpr = tile_layouts(BLOCK_K)[0]
+    pairs_smem: gl.constexpr = tile_layouts(BLOCK_K)[1]
+    w_tiles = gl.allocate_shared_memory(dtype, [TILES, BLOCK_N, BLOCK_K], tile_smem)
+    w_pairs = w_tiles._reinterpret(gl.int32, [TILES, BLOCK_N, BLOCK_K // 2], pairs_smem)
+    decoded = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+    mma_done = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(TILES):
+        mbarrier.init(decoded.index(b), count=1)
+        mbarrier.init(mma_done.index(b), count=1)
+    return w_tiles, w_pairs, decoded, mma_done
+
+
 # Not specialized on M (row counts vary per eager step; see wgmma_4bit.py).
 @gluon.jit(do_not_specialize=["M"])
 def wgmma_ws_4bit_kernel(
@@ -137,18 +156,7 @@ def wgmma_ws_4bit_kernel(
     dtype: gl.constexpr = x_ptr.dtype.element_ty
     accumulator: gl.constexpr = acc_layout(W_LEFT, BLOCK_M, BLOCK_N, num_warps)
     w_staging, s_staging, x_staging = allocate_stages(dtype, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K)
-    # The ring of weight tiles, written as int32 pairs and read as 16-bit values.
-    smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[0]
-    pair_smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[1]
-    w_tiles = gl.allocate_shared_memory(dtype, [DECODE_TILES, BLOCK_N, BLOCK_K], smem_layout)
-    w_pairs = w_tiles._reinterpret(
-        gl.int32, [DECODE_TILES, BLOCK_N, BLOCK_K // 2], pair_smem_layout
-    )
-    decoded = gl.allocate_shared_memory(gl.int64, [DECODE_TILES, 1], mbarrier.MBarrierLayout())
-    mma_done = gl.allocate_shared_memory(gl.int64, [DECODE_TILES, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(DECODE_TILES):
-        mbarrier.init(decoded.index(b), count=1)
-        mbarrier.init(mma_done.index(b), count=1)
+    w_tiles, w_pairs, decoded, mma_done = allocate_tile_ring(dtype, DECODE_TILES, BLOCK_N, BLOCK_K)
 
     pid_k = gl.program_id(2)
     n_steps = (K // BLOCK_K - pid_k + SPLIT_K - 1) // SPLIT_K

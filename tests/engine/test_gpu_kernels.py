@@ -27,6 +27,14 @@ def run(llm: LLM, prompts=PROMPTS, logprobs: int | None = 5):
     return llm.generate(prompts, params, use_tqdm=False)
 
 
+def in_flight_bf16(path: str, **engine_args) -> LLM:
+    """The test checkpoint quantized in flight, served in bf16 on a small cache."""
+    return LLM(
+        model=path, quantization="bitsandbytes", dtype="bfloat16", kv_cache_memory_bytes=1 << 28,
+        **engine_args,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["inflight", "prequant"])
 def test_kernels_and_graphs_match_bitsandbytes_path(checkpoints, mode):
     if mode == "prequant":
@@ -63,10 +71,7 @@ def test_graph_replay_equals_eager_kernels(checkpoints):
     lengths = [3, 12, 7, 12, 1]
     outs = {}
     for eager in (False, True):
-        llm = LLM(
-            model=path, quantization="bitsandbytes", dtype="bfloat16", enforce_eager=eager,
-            kv_cache_memory_bytes=1 << 28,
-        )  # fmt: skip
+        llm = in_flight_bf16(path, enforce_eager=eager)
         params = [
             SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=3)
             for n in lengths
@@ -89,10 +94,7 @@ def test_one_sequence_prefill_replays_its_graph(checkpoints):
     path = str(checkpoints("llama"))
     outs = {}
     for eager in (False, True):
-        llm = LLM(
-            model=path, quantization="bitsandbytes", dtype="bfloat16", enforce_eager=eager,
-            kv_cache_memory_bytes=1 << 28,
-        )  # fmt: skip
+        llm = in_flight_bf16(path, enforce_eager=eager)
         graphs = llm.llm_engine.runner.prefill_graphs
         assert (graphs is None) == eager
         outs[eager] = [run(llm, [prompt])[0] for prompt in PROMPTS]
