@@ -43,10 +43,12 @@ class PrefillGraphRunner:
         self.flat_index = torch.arange(n, device=device)  # one sequence: token i at row i
         self.block_table = torch.zeros((1, self.width(n)), dtype=torch.long, device=device)
         self.context_len = torch.zeros(1, dtype=torch.long, device=device)
-        # Ids, positions, slots, then the context length and the block table: one copy a step.
-        pinned = device.type == "cuda"
-        self.staging = torch.zeros(3 * n + 1 + self.width(n), dtype=torch.long)
-        self.staging = self.staging.pin_memory() if pinned else self.staging
+        # Ids, positions, slots, then the context length and the block table: one copy a step,
+        # from two pinned buffers used in turn (as the decode graphs' are), so that a step's
+        # inputs are never written while the copy of the previous one's may be pending.
+        staging = [torch.zeros(3 * n + 1 + self.width(n), dtype=torch.long) for _ in range(2)]
+        self.staging = [b.pin_memory() for b in staging] if device.type == "cuda" else staging
+        self._turn = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.replays = 0
@@ -117,7 +119,8 @@ class PrefillGraphRunner:
         if size is None:
             raise ValueError(f"no prefill bucket holds {n} tokens over {len(block_table)} blocks")
         width, top = self.width(size), self.sizes[-1]
-        staging = self.staging
+        staging = self.staging[self._turn]
+        self._turn ^= 1
         staging.zero_()
         rows = staging[: 3 * top].view(3, top)
         rows[0, :n] = torch.tensor(input_ids)

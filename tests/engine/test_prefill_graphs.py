@@ -61,6 +61,11 @@ def test_padded_prefill_equals_the_eager_step(runner):
     assert hidden.shape[0] == num_tokens
     padded_logits = runner.model.compute_logits(hidden[plan.sample_rows])
     torch.testing.assert_close(padded_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    # The next step stages its inputs in the other buffer: the same step again, the same result.
+    again = graphs.run(
+        plan.input_ids, plan.positions, plan.slot_mapping, table, num_tokens, replay=False
+    )
+    torch.testing.assert_close(runner.model.compute_logits(again[plan.sample_rows]), padded_logits)
 
     written = torch.zeros(runner.num_blocks * runner.block_size, dtype=torch.bool)
     written[plan.slot_mapping] = True
