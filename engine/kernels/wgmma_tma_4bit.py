@@ -12,8 +12,13 @@ their bytes. Rows past N or M arrive as zeros.
   step's absmax per row is 4-8), and store the decoded pairs into a ring of DECODE_TILES tiles.
 - The MMA warpgroup (the default partition) waits for a decoded tile, runs the MMA against the
   stage's x tile and, once the MMA before it is done, frees that step's stage and tile.
-The descriptors are built on the host (`matmul_4bit._launch_wgmma`); inside a CUDA graph they
-are kernel parameters captured with the launch."""
+The descriptors are built on the host (`matmul_4bit._launch_wgmma_tma`); inside a CUDA graph
+they are kernel parameters captured with the launch.
+
+Measured on an H200 it beats the plain and the cp.async-fed kernels from 128 rows (about 11% per
+layer) but not below (README, "Per-layer linear time"); Nsight Compute finds it issuing about
+0.3 instructions per cycle per scheduler with a quarter of its shared-memory wavefronts lost to
+bank conflicts."""
 
 from __future__ import annotations
 
@@ -158,7 +163,8 @@ def wgmma_tma_4bit_kernel(
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0.
     x_desc: x [M, K] in blocks [BLOCK_M, BLOCK_K]; w_desc: the packed bytes [N, K / 2] in blocks
-    [BLOCK_N, BLOCK_K / 2]. num_warps (4) issue the MMAs, DECODE_WARPS decode, one warp loads."""
+    [BLOCK_N, BLOCK_K / 2]; the other arguments are the plain kernels' (w_ptr unused: the bytes
+    come through w_desc). num_warps (4) issue the MMAs, DECODE_WARPS decode, one warp loads."""
     num_warps: gl.constexpr = gl.num_warps()
     chunks: gl.constexpr = BLOCK_K // 32
     gl.static_assert(num_warps == 4, "one warpgroup issues the MMAs")
