@@ -229,11 +229,11 @@ class ModelRunner:
         if self.graphs is None or len(plan.batches) != 1:
             return None
         batch = plan.batches[0]
-        num_blocks = len(batch.block_tables[0])
         if len(batch.query_positions[0]) > 1:  # a prefill group
             return self._replay_prefill_graph(plan)
         if plan.prompt_rows:
             return None
+        num_blocks = len(batch.block_tables[0])
         if not self.graphs.can_run(len(plan.input_ids), len(batch.query_positions[0]), num_blocks):
             return None
         return self.graphs.run(

@@ -28,7 +28,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma_wait,
 )
 
 from engine.kernels.decode_4bit import load_code_table
@@ -37,10 +36,9 @@ from engine.kernels.wgmma_4bit import (
     byte_layout,
     decode_tile_rows,
     pair_layout,
-    start_mma,
     store_out,
 )
-from engine.kernels.wgmma_ws_4bit import allocate_tile_ring
+from engine.kernels.wgmma_ws_4bit import allocate_tile_ring, mma_partition
 
 
 @gluon.constexpr_function
@@ -124,33 +122,6 @@ def _decode_partition(
         scale = next_scale
 
 
-@gluon.jit
-def _mma_partition(
-    w_tiles, x_stages, ready, decoded, mma_done, free, n_steps, ACC_LAYOUT: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, W_LEFT: gl.constexpr,
-):  # fmt: skip
-    """The accumulator over this program's K steps, one asynchronous MMA in flight."""
-    TILES: gl.constexpr = w_tiles.shape[0]
-    STAGES: gl.constexpr = x_stages.shape[0]
-    if W_LEFT:
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC_LAYOUT)
-    else:
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=ACC_LAYOUT)
-    for i in range(n_steps):
-        stage = i % STAGES
-        mbarrier.wait(decoded.index(i % TILES), (i // TILES) & 1)
-        # x's tile landed with the bytes the decoders waited for; this warpgroup observes the
-        # barrier itself before its MMA reads the tile (the stage is not refilled before then).
-        mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
-        acc = start_mma(w_tiles.index(i % TILES), x_stages.index(stage), acc, W_LEFT)
-        acc = warpgroup_mma_wait(1, deps=[acc])
-        # Step i - 1's MMA is done: its weight tile and its stage are free.
-        mbarrier.arrive(mma_done.index((i + TILES - 1) % TILES), count=1, pred=i > 0)
-        mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    return (acc,)  # a partition's results are a tuple
-
-
 # Not specialized on M (row counts vary per eager step; see wgmma_4bit.py).
 @gluon.jit(do_not_specialize=["M"])
 def wgmma_tma_4bit_kernel(
@@ -189,9 +160,9 @@ def wgmma_tma_4bit_kernel(
     (acc,) = gl.warp_specialize(
         [
             (
-                _mma_partition,
-                (w_tiles, x_stages, ready, decoded, mma_done, free, n_steps, accumulator,
-                 BLOCK_M, BLOCK_N, W_LEFT),
+                mma_partition,
+                (w_tiles, x_stages, decoded, mma_done, n_steps, accumulator, BLOCK_M,
+                 BLOCK_N, W_LEFT, ready, free),
             ),
             (
                 _decode_partition,

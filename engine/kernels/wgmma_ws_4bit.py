@@ -46,23 +46,33 @@ from engine.kernels.wgmma_4bit import (
 
 
 @gluon.jit
-def _mma_partition(
-    w_tiles, x_staging, decoded, mma_done, n_steps, ACC_LAYOUT: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
+def mma_partition(
+    w_tiles, x_stages, decoded, mma_done, n_steps, ACC_LAYOUT: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, W_LEFT: gl.constexpr, ready=None, free=None,
 ):  # fmt: skip
-    """The accumulator over this program's K steps, one asynchronous MMA in flight."""
+    """The accumulator over this program's K steps, one asynchronous MMA in flight. With a
+    stage's `ready` and `free` barriers (the TMA-fed kernel), it waits for x's tile to land and
+    frees the stage once its MMA is done; else the decoders' copies and mma_done see to both."""
     TILES: gl.constexpr = w_tiles.shape[0]
+    STAGES: gl.constexpr = x_stages.shape[0]
     if W_LEFT:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC_LAYOUT)
     else:
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=ACC_LAYOUT)
     for i in range(n_steps):
+        stage = i % STAGES
         mbarrier.wait(decoded.index(i % TILES), (i // TILES) & 1)
-        acc = start_mma(w_tiles.index(i % TILES), x_staging.index(i % NUM_STAGES), acc, W_LEFT)
+        if ready is not None:
+            # x's tile landed with the bytes the decoders waited for; this warpgroup observes
+            # the barrier itself before its MMA reads the tile (the stage is not refilled
+            # before then).
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+        acc = start_mma(w_tiles.index(i % TILES), x_stages.index(stage), acc, W_LEFT)
         acc = warpgroup_mma_wait(1, deps=[acc])
         # Step i - 1's MMA is done: its weight tile and x stage are free.
         mbarrier.arrive(mma_done.index((i + TILES - 1) % TILES), count=1, pred=i > 0)
+        if free is not None:
+            mbarrier.arrive(free.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
     acc = warpgroup_mma_wait(0, deps=[acc])
     return (acc,)  # a partition's results are a tuple
 
@@ -163,9 +173,9 @@ def wgmma_ws_4bit_kernel(
     (acc,) = gl.warp_specialize(
         [
             (
-                _mma_partition,
+                mma_partition,
                 (w_tiles, x_staging, decoded, mma_done, n_steps, accumulator, BLOCK_M,
-                 BLOCK_N, W_LEFT, NUM_STAGES),
+                 BLOCK_N, W_LEFT),
             ),
             (
                 _decode_partition,
