@@ -105,7 +105,6 @@ class DecodeGraphRunner:
             return True
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
-            self.graphs.clear()
             logger.warning("CUDA graph capture failed, decode runs eagerly: %s", exc)
             return False
 

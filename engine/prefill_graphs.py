@@ -80,7 +80,6 @@ class PrefillGraphRunner:
             return True
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
-            self.graphs.clear()
             logger.warning("prefill CUDA graph capture failed, prefill runs eagerly: %s", exc)
             return False
 
