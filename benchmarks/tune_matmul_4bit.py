@@ -63,17 +63,6 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                                          threads_n=threads_n, warps_n=warps_n, half_table=half,
                                          packed_fma=packed, programs_per_sm=per_sm)
                         )  # fmt: skip
-        # Hopper: the TMA-fed GEMV (a loader warp keeps num_stages K steps of words in shared
-        # memory), through the fp16 table, packed for one row of x; 1-2 programs per SM.
-        for warps, threads_n, warps_n in GEMV_SHAPES:
-            for rows, stages, per_sm in itertools.product((2, 4, 8), (2, 4, 6), (1, 2)):
-                if warps >= 4 and rows * bm <= 8:
-                    out.append(
-                        KernelConfig("gemv", bm, rows * threads_n * warps_n, num_warps=warps,
-                                     num_stages=stages, threads_n=threads_n, warps_n=warps_n,
-                                     half_table=True, packed_fma=bm == 1,
-                                     programs_per_sm=per_sm, tma=True)
-                    )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
         # num_stages 4: the next iteration's weight bytes requested before this one's decode.
@@ -128,7 +117,7 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
     hopper = ("wgmma", "mma")
-    return [c for c in out if (c.kernel not in hopper and not c.tma) or fits(c, m, 4096, device)]
+    return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:

@@ -258,9 +258,6 @@ def _table_layout(copies, entry_words, num_warps):
     )
 
 
-TABLE_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-
-
 @gluon.jit
 def _fill_table(
     table_ptr, OFFSET: gl.constexpr, COPIES: gl.constexpr, ENTRY_WORDS: gl.constexpr,
@@ -269,43 +266,21 @@ def _fill_table(
     """Fill shared memory [256, COPIES, ENTRY_WORDS] int32 with COPIES copies of each of
     code_table's 256 byte entries (ENTRY_WORDS int32s each, from OFFSET), and wait for every
     thread's part. Returns the buffer (for `keep_table_live`)."""
-    values = _table_values(table_ptr, OFFSET, COPIES, ENTRY_WORDS, NUM_WARPS)
-    # Allocated, then stored: an allocation initialised in place that nothing Triton can see
-    # reads is dropped as dead.
-    table = gl.allocate_shared_memory(gl.int32, [256, COPIES, ENTRY_WORDS], TABLE_LAYOUT)
-    table.store(values)
-    gl.thread_barrier()
-    return table
-
-
-@gluon.jit
-def _table_values(
-    table_ptr, OFFSET: gl.constexpr, COPIES: gl.constexpr, ENTRY_WORDS: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
-):  # fmt: skip
-    """The table's contents [256, COPIES, ENTRY_WORDS] in registers, one entry a thread."""
     layout: gl.constexpr = _table_layout(COPIES, ENTRY_WORDS, NUM_WARPS)
     e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     h = gl.arange(0, ENTRY_WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
     src = gl.expand_dims(gl.expand_dims(e * ENTRY_WORDS, 1), 2)
     src = src + gl.expand_dims(gl.expand_dims(h, 0), 1)
     values = gl.load(table_ptr + OFFSET + src)  # [256, 1, ENTRY_WORDS]
-    return values + gl.zeros([256, COPIES, ENTRY_WORDS], gl.int32, layout)  # the copies
-
-
-@gluon.jit
-def store_table_at(buffer, table_ptr, HALF: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """Fill the start of `buffer` (int32, at least 32 KB, and placed by Triton at shared offset
-    0, where the lookups read) with the fp16 table (HALF: `fill_half_pair_table`'s layout) or
-    the fp32 one (`fill_byte_table`'s), and wait for every thread's part. The buffer stays live
-    to Triton as long as the caller uses the rest of it."""
-    copies: gl.constexpr = _HALF_PAIR_COPIES if HALF else _COPIES
-    entry_words: gl.constexpr = 1 if HALF else 2
-    offset: gl.constexpr = _HALF_PAIR_TABLE_OFFSET if HALF else _PAIR_TABLE_OFFSET
-    buffer._reinterpret(gl.int32, [256, copies, entry_words], TABLE_LAYOUT).store(
-        _table_values(table_ptr, offset, copies, entry_words, NUM_WARPS)
+    values = values + gl.zeros([256, COPIES, ENTRY_WORDS], gl.int32, layout)  # the copies
+    # Allocated, then stored: an allocation initialised in place that nothing Triton can see
+    # reads is dropped as dead.
+    table = gl.allocate_shared_memory(
+        gl.int32, [256, COPIES, ENTRY_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     )
+    table.store(values)
     gl.thread_barrier()
+    return table
 
 
 @gluon.jit

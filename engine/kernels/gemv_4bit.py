@@ -42,56 +42,8 @@ WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one ab
 PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 
 
-@gluon.constexpr_function
-def step_chunks(threads_n, warps_n, num_warps):
-    """16-byte chunks of a row per K step: the threads and warps not spread over rows."""
-    return (32 // threads_n) * (num_warps // warps_n)
-
-
-@gluon.constexpr_function
-def pair_layout(block_m, rows, threads_n, warps_n, num_warps):
-    """[m, n, chunk, pair]: m and the thread's rows in registers, chunks over threads and
-    warps."""
-    return gl.BlockedLayout(
-        size_per_thread=[block_m, rows, 1, 16],
-        threads_per_warp=[1, threads_n, 32 // threads_n, 1],
-        warps_per_cta=[1, warps_n, num_warps // warps_n, 1],
-        order=[3, 2, 1, 0],
-    )
-
-
-@gluon.constexpr_function
-def word_layout_of(block_m, rows, threads_n, warps_n, num_warps):
-    """`pair_layout` over words [m, n, chunk, word]."""
-    return gl.BlockedLayout(
-        size_per_thread=[block_m, rows, 1, 4],
-        threads_per_warp=[1, threads_n, 32 // threads_n, 1],
-        warps_per_cta=[1, warps_n, num_warps // warps_n, 1],
-        order=[3, 2, 1, 0],
-    )
-
-
 @gluon.jit
-def x_pair_pointers(
-    x_ptr, M, stride_xm, BLOCK_M: gl.constexpr, CHUNKS: gl.constexpr, LAYOUT: gl.constexpr
-):
-    """Pointers [m, chunk, pair] to x's pairs for the chunks of the step at word 0 (pair offset
-    = 4 * word offset), each chunk's first word [1, chunk, 1], and which rows of x exist."""
-    x_layout: gl.constexpr = gl.SliceLayout(1, LAYOUT)  # [m, chunk, pair]
-    x_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
-    x_c = gl.arange(0, CHUNKS, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
-    x_p = gl.arange(0, PAIRS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
-    x_chunk = gl.expand_dims(gl.expand_dims(x_c * WORDS_PER_THREAD, 0), 2)  # in words
-    x_m_ok = gl.expand_dims(gl.expand_dims(x_m < M, 1), 2)
-    x_ptrs = (
-        x_ptr + gl.expand_dims(gl.expand_dims(x_m * stride_xm, 1), 2) + 4 * x_chunk
-        + gl.expand_dims(gl.expand_dims(x_p, 0), 1)
-    )  # fmt: skip
-    return x_ptrs, x_chunk, x_m_ok
-
-
-@gluon.jit
-def accumulate(
+def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
     HALF_TABLE: gl.constexpr, HALF2: gl.constexpr,
@@ -134,7 +86,7 @@ def accumulate(
 def _accumulate_half2(
     acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr
 ):  # fmt: skip
-    """`accumulate` in packed fp16: each byte's code pair (the fp16 table) meets its x pair in
+    """`_accumulate` in packed fp16: each byte's code pair (the fp16 table) meets its x pair in
     one f16x2 fused multiply-add, four bytes a chain, each word's sum widened to fp32 once.
     x must fit fp16 (|x| < 65504)."""
     if X_FP16:
@@ -174,27 +126,14 @@ def _quarters(t, layout: gl.constexpr):
 
 
 @gluon.jit
-def scale_pointers(
-    absmax_ptr, n0, N, stride_a, s_chunk, BLOCKSIZE: gl.constexpr, block_n: gl.constexpr,
-    scale_layout: gl.constexpr,
-):  # fmt: skip
-    """The absmaxes' pointers [n, chunk] of rows n0.. of one program's block, given each chunk's
-    first word (s_chunk [1, chunk]): one absmax per (row, chunk), the block of the chunk's first
-    value (8 values a word). Rows past N re-read the last row and are never stored."""
-    s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
-    return (
-        absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
-        + (8 * s_chunk) // BLOCKSIZE
-    )  # fmt: skip
-
-
-@gluon.jit
 def _row_pointers(
     w_ptr, absmax_ptr, n0, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE: gl.constexpr,
     block_n: gl.constexpr, w_layout: gl.constexpr, scale_layout: gl.constexpr,
 ):  # fmt: skip
-    """The weight words' pointers [n, chunk, word] of rows n0.. of one program's block, given
-    each chunk's first word (w_chunk [1, chunk, 1]), and their absmaxes' (`scale_pointers`)."""
+    """The weight words' and absmaxes' pointers of rows n0.. of one program's block, given each
+    chunk's first word (w_chunk [1, chunk, 1], s_chunk [1, chunk]). Rows past N re-read the
+    last row and are never stored. One absmax per (row, chunk): the block of the chunk's first
+    value (8 values a word)."""
     w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
     w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
     w_rows = gl.minimum(n0 + w_n, N - 1)
@@ -202,14 +141,16 @@ def _row_pointers(
         w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
         + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
     )  # fmt: skip
-    scale_ptrs = scale_pointers(
-        absmax_ptr, n0, N, stride_a, s_chunk, BLOCKSIZE, block_n, scale_layout
-    )
+    s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
+    scale_ptrs = (
+        absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
+        + (8 * s_chunk) // BLOCKSIZE
+    )  # fmt: skip
     return w_ptrs, scale_ptrs
 
 
 @gluon.jit
-def store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr):
+def _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr):
     """Sum the program's partial sums over K's threads and store rows n0.. of out."""
     out = gl.sum(acc, axis=2)
     o_m = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out_layout))
@@ -234,12 +175,27 @@ def gemv_4bit_kernel(
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
     smaller than the row blocks; each program takes blocks pid, pid + grid, ... and requests
     the next block's first words while it finishes the current one."""
+    threads_k: gl.constexpr = 32 // THREADS_N
+    warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
-    chunks: gl.constexpr = step_chunks(THREADS_N, WARPS_N, gl.num_warps())
+    chunks: gl.constexpr = threads_k * warps_k  # 16-byte chunks of a row per step
     step_words: gl.constexpr = chunks * WORDS_PER_THREAD
-    layout: gl.constexpr = pair_layout(BLOCK_M, ROWS, THREADS_N, WARPS_N, gl.num_warps())
-    word_layout: gl.constexpr = word_layout_of(BLOCK_M, ROWS, THREADS_N, WARPS_N, gl.num_warps())
+    # [m, n, chunk, pair]: m and the thread's rows in registers, chunks over threads and warps.
+    layout: gl.constexpr = gl.BlockedLayout(
+        size_per_thread=[BLOCK_M, ROWS, 1, PAIRS_PER_THREAD],
+        threads_per_warp=[1, THREADS_N, threads_k, 1],
+        warps_per_cta=[1, WARPS_N, warps_k, 1],
+        order=[3, 2, 1, 0],
+    )
+    # The same over words [m, n, chunk, word].
+    word_layout: gl.constexpr = gl.BlockedLayout(
+        size_per_thread=[BLOCK_M, ROWS, 1, WORDS_PER_THREAD],
+        threads_per_warp=[1, THREADS_N, threads_k, 1],
+        warps_per_cta=[1, WARPS_N, warps_k, 1],
+        order=[3, 2, 1, 0],
+    )
     w_layout: gl.constexpr = gl.SliceLayout(0, word_layout)  # [n, chunk, word]
+    x_layout: gl.constexpr = gl.SliceLayout(1, layout)  # [m, chunk, pair]
     sums_layout: gl.constexpr = gl.SliceLayout(3, layout)  # [m, n, chunk]
     scale_layout: gl.constexpr = gl.SliceLayout(0, sums_layout)  # [n, chunk]
     out_layout: gl.constexpr = gl.SliceLayout(2, sums_layout)  # [m, n]
@@ -258,7 +214,16 @@ def gemv_4bit_kernel(
         w_layout, scale_layout,
     )  # fmt: skip
 
-    x_ptrs, x_chunk, x_m_ok = x_pair_pointers(x_ptr, M, stride_xm, BLOCK_M, chunks, layout)
+    # x pairs of the same chunks, four per word (pair offset = 4 * word offset).
+    x_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, x_layout)))
+    x_c = gl.arange(0, chunks, layout=gl.SliceLayout(0, gl.SliceLayout(2, x_layout)))
+    x_p = gl.arange(0, PAIRS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, x_layout)))
+    x_chunk = gl.expand_dims(gl.expand_dims(x_c * WORDS_PER_THREAD, 0), 2)  # in words
+    x_m_ok = gl.expand_dims(gl.expand_dims(x_m < M, 1), 2)
+    x_ptrs = (
+        x_ptr + gl.expand_dims(gl.expand_dims(x_m * stride_xm, 1), 2) + 4 * x_chunk
+        + gl.expand_dims(gl.expand_dims(x_p, 0), 1)
+    )  # fmt: skip
 
     half_kw = K // 8  # words per row
     stride = step_words * SPLIT_K
@@ -296,7 +261,7 @@ def gemv_4bit_kernel(
                 # Each step's next words are requested as soon as its own are decoded; past
                 # this block's K they are the next block's first ones.
                 ahead = w0 + 2 * stride
-                acc = accumulate(
+                acc = _accumulate(
                     acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                     copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
                 )  # fmt: skip
@@ -306,7 +271,7 @@ def gemv_4bit_kernel(
                     words0 = gl.load(
                         next_w_ptrs + first, mask=has_next & (first + w_chunk < half_kw)
                     )
-                acc = accumulate(
+                acc = _accumulate(
                     acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk,
                     half_kw, copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2,
                     HALF2,
@@ -321,18 +286,18 @@ def gemv_4bit_kernel(
                         mask=has_next & (first + stride + w_chunk < half_kw),
                     )
             # The reduction's scratch is its own shared buffer (keep_table_live below).
-            store_rows(acc, out_ptr, pid_k, block * block_n, M, N, stride_om, stride_ok,
+            _store_rows(acc, out_ptr, pid_k, block * block_n, M, N, stride_om, stride_ok,
                         out_layout)  # fmt: skip
             w_ptrs, scale_ptrs = next_w_ptrs, next_scale_ptrs
         keep_table_live(table, table_ptr, N < 0, gl.num_warps())
     else:
         acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
         for w0 in range(first, half_kw, 2 * stride):
-            acc = accumulate(
+            acc = _accumulate(
                 acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
             )  # fmt: skip
-            acc = accumulate(
+            acc = _accumulate(
                 acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
             )  # fmt: skip
@@ -340,4 +305,4 @@ def gemv_4bit_kernel(
             words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
             words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
         gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
-        store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout)
+        _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout)

@@ -97,8 +97,6 @@ class KernelConfig:
     decode_tiles: int = 2
     # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
     # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
-    # gemv (Hopper): one more warp keeps a ring of num_stages K steps of weight words full
-    # (gemv_tma_4bit.py); programs_per_sm (at least 1) persistent programs per SM.
     tma: bool = False
 
 
@@ -167,8 +165,6 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
-        if config.tma and (capability(device) != (9, 0) or not _gemv_tma_tiles(config)):
-            return False
         return config.block_m >= m and (config.block_m == 1 or not config.packed_fma)
     if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
         # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
@@ -195,30 +191,6 @@ DECODE_WARPS = (4, 8)  # the warp-specialized warpgroup kernel's decoder partiti
 DECODE_REGS = {4: (232, 256), 8: (152, 168)}
 # The same with the TMA loader warp beside them: (decoders', loader's, kernel cap).
 TMA_REGS = {4: (232, 24, 168), 8: (152, 24, 128)}
-
-
-GEMV_TMA_LOADER_REGS = 40  # the TMA-fed GEMV's loader warp: addresses and a loop counter
-GEMV_TABLE_WORDS = 256 * 32  # either byte table of the GEMV: 32 KB
-SHARED_BYTES_PER_SM = 227 * 1024
-
-
-def _gemv_step_words(config: KernelConfig) -> int:
-    """int32 words of a row per GEMV K step: 16 bytes a thread along K."""
-    return 4 * (32 // config.threads_n) * (config.num_warps // config.warps_n)
-
-
-def _gemv_tma_tiles(config: KernelConfig) -> bool:
-    """Whether the TMA-fed GEMV can run this launch: one K step of its row block as one TMA box
-    (at most 256 words a side), the table's slots and the stages adding up to a power of two
-    (gemv_tma_4bit), one split, and programs_per_sm programs' shared memory on one SM."""
-    step, rows = _gemv_step_words(config), config.block_n
-    if config.split_k != 1 or config.programs_per_sm < 1 or step > 256 or rows > 256:
-        return False
-    slot = rows * step
-    slots = -(-GEMV_TABLE_WORDS // slot) + config.num_stages
-    if config.num_stages < 2 or slots & (slots - 1):
-        return False
-    return config.programs_per_sm * (slots * slot * 4 + 1024) <= SHARED_BYTES_PER_SM
 
 
 def _wgmma_tiles(config: KernelConfig) -> bool:
@@ -326,11 +298,6 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
     # Hopper: launched as a programmatic dependent, so its weight loads overlap the end of the
     # kernel before it (the gdc_wait in gemv_4bit).
     pdl = pdl_enabled(x2.device)
-    if config.tma:
-        x_fp16 = x2.dtype == torch.float16
-        _launch_gemv_tma(pairs, x_fp16, words, absmax, table, target, n, k, blocksize, rows, pdl,
-                         config)  # fmt: skip
-        return
     blocks = triton.cdiv(n, config.block_n)
     if config.programs_per_sm:
         blocks = min(blocks, config.programs_per_sm * sm_count(x2.device))
@@ -342,34 +309,6 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
         PERSISTENT=config.programs_per_sm > 0, num_warps=config.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
-
-
-def _launch_gemv_tma(pairs, x_fp16, words, absmax, table, out, n, k, blocksize, rows, pdl, config):
-    """The GEMV fed by TMA (gemv_tma_4bit): the packed weight as int32 words [N, K / 8] in boxes
-    of one K step of a row block (the descriptor built per call, as for the warpgroup kernel);
-    programs_per_sm persistent programs per SM share its registers."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from engine.kernels.gemv_tma_4bit import gemv_tma_4bit_kernel, stage_layout
-
-    if words.data_ptr() % 16:
-        raise ValueError("the TMA-fed GEMV needs the packed weight 16-byte aligned")
-    w_desc = TensorDescriptor.from_tensor(
-        words.view(n, k // 8), [config.block_n, _gemv_step_words(config)], stage_layout()
-    )
-    per_sm = config.programs_per_sm
-    grid = (min(triton.cdiv(n, config.block_n), per_sm * sm_count(pairs.device)),)
-    # The decoders and the loader warp, which Triton launches as a whole warpgroup.
-    threads = 32 * (config.num_warps + 4)
-    maxnreg = min(255, 65536 // (per_sm * threads)) // 8 * 8
-    gemv_tma_4bit_kernel[grid](
-        w_desc, pairs, absmax, table, out, pairs.shape[0], n, k, pairs.stride(0), n,
-        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x_fp16,
-        BLOCK_M=config.block_m, ROWS=rows, THREADS_N=config.threads_n, WARPS_N=config.warps_n,
-        NUM_STAGES=config.num_stages, PDL=pdl, HALF_TABLE=config.half_table,
-        HALF2=config.packed_fma, LOADER_REGS=GEMV_TMA_LOADER_REGS, num_warps=config.num_warps,
-        maxnreg=maxnreg, launch_pdl=pdl,
     )  # fmt: skip
 
 

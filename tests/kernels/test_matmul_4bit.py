@@ -103,7 +103,6 @@ def _kernel_variants() -> list:
     from engine.kernels.matmul_4bit import KernelConfig
 
     persistent = {"half_table": True, "packed_fma": True, "programs_per_sm": 1}
-    tma_half = {"tma": True, "half_table": True, "programs_per_sm": 1}
     variants = [
         KernelConfig("gemv", 1, 4, num_warps=2),
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
@@ -125,12 +124,6 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 8, num_warps=4, threads_n=2, warps_n=2, **persistent),
         KernelConfig("gemv", 1, 4, 0, 2, 4, threads_n=2, warps_n=2, **persistent),  # split K
         KernelConfig("gemv", 2, 8, num_warps=4, threads_n=2, warps_n=2, programs_per_sm=1),
-        # Fed by TMA (Hopper; `fits` skips them elsewhere): a ring of K steps in shared memory.
-        KernelConfig("gemv", 1, 32, 0, 1, 4, 2, threads_n=2, warps_n=2, tma=True, **persistent),
-        KernelConfig("gemv", 1, 16, 0, 1, 8, 6, threads_n=1, warps_n=4, tma=True, **persistent),
-        KernelConfig("gemv", 2, 16, 0, 1, 4, 4, threads_n=2, warps_n=2, **tma_half),
-        # The fp32 table, two programs per SM.
-        KernelConfig("gemv", 2, 8, 0, 1, 4, 4, threads_n=2, tma=True, programs_per_sm=2),
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
