@@ -56,12 +56,16 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             for rows, (half, packed) in itertools.product((1, 2, 4, 8), tables):
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
-                    # Persistent programs (a few per SM) for the packed launches.
-                    for per_sm in (0, 1, 2, 4) if packed else (0,):
+                    # Persistent programs (a few per SM) for the packed launches, through the
+                    # fp16 table or its wide layout.
+                    for per_sm, wide in itertools.product(
+                        (0, 1, 2, 4) if packed else (0,), (False, True) if packed else (False,)
+                    ):
                         out.append(
                             KernelConfig("gemv", bm, block_n, num_warps=warps,
                                          threads_n=threads_n, warps_n=warps_n, half_table=half,
-                                         packed_fma=packed, programs_per_sm=per_sm)
+                                         packed_fma=packed, programs_per_sm=per_sm,
+                                         wide_table=wide)
                         )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
@@ -250,6 +254,7 @@ def main() -> None:
             kind = cfg.kernel + ("-half" if cfg.half_table else "")
             kind += "-packed" if cfg.packed_fma else ""
             kind += "-persistent" if cfg.programs_per_sm else ""
+            kind += "-wide" if cfg.wide_table else ""
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             kind += "-tma" if cfg.tma else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)

@@ -253,19 +253,21 @@ _PAIR_TABLE_OFFSET = gl.constexpr(PAIR_TABLE_OFFSET)
 @triton.constexpr_function
 def _table_layout(copies, entry_words, num_warps):
     """The registers' layout of a [256, copies, entry_words] table: one entry a thread."""
+    lanes = min(copies, 32)  # more copies than lanes (a wide table's slots): in registers
     return gl.BlockedLayout(
-        [1, 1, entry_words], [32 // copies, copies, 1], [num_warps, 1, 1], [2, 1, 0]
+        [1, copies // lanes, entry_words], [32 // lanes, lanes, 1], [num_warps, 1, 1], [2, 1, 0]
     )
 
 
 @gluon.jit
 def _fill_table(
     table_ptr, OFFSET: gl.constexpr, COPIES: gl.constexpr, ENTRY_WORDS: gl.constexpr,
-    NUM_WARPS: gl.constexpr,
+    NUM_WARPS: gl.constexpr, SLOTS: gl.constexpr = 0,
 ):  # fmt: skip
     """Fill shared memory [256, COPIES, ENTRY_WORDS] int32 with COPIES copies of each of
     code_table's 256 byte entries (ENTRY_WORDS int32s each, from OFFSET), and wait for every
-    thread's part. Returns the buffer (for `keep_table_live`)."""
+    thread's part. SLOTS > COPIES: entries SLOTS copies apart, the copies in the first slots.
+    Returns the buffer (for `keep_table_live`)."""
     layout: gl.constexpr = _table_layout(COPIES, ENTRY_WORDS, NUM_WARPS)
     e = gl.arange(0, 256, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
     h = gl.arange(0, ENTRY_WORDS, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
@@ -275,10 +277,11 @@ def _fill_table(
     values = values + gl.zeros([256, COPIES, ENTRY_WORDS], gl.int32, layout)  # the copies
     # Allocated, then stored: an allocation initialised in place that nothing Triton can see
     # reads is dropped as dead.
+    slots: gl.constexpr = max(SLOTS, COPIES)
     table = gl.allocate_shared_memory(
-        gl.int32, [256, COPIES, ENTRY_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        gl.int32, [256, slots, ENTRY_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     )
-    table.store(values)
+    table.slice(0, COPIES, 1).store(values)
     gl.thread_barrier()
     return table
 
@@ -348,12 +351,21 @@ _HALF_PAIR_COPIES = gl.constexpr(HALF_PAIR_COPIES)
 _HALF_PAIR_TABLE_OFFSET = gl.constexpr(HALF_PAIR_TABLE_OFFSET)
 
 
+# The same table with entries 256 bytes apart (64 KB, the upper half of each never written or
+# read): a lookup's address is then (byte << 8) | (lane * 4), which one prmt builds from the
+# word and the lane's offset.
+WIDE_PAIR_SLOTS = 64
+_WIDE_PAIR_SLOTS = gl.constexpr(WIDE_PAIR_SLOTS)
+
+
 @gluon.jit
-def fill_half_pair_table(table_ptr, NUM_WARPS: gl.constexpr):
-    """Fill shared memory [256, 32, 1] int32 with 32 copies of code_table's fp16 byte table per
-    entry, and wait for every thread's part. As with `fill_byte_table`, it must be the
-    kernel's only shared memory while its lookups read it at shared offset 0."""
-    return _fill_table(table_ptr, _HALF_PAIR_TABLE_OFFSET, _HALF_PAIR_COPIES, 1, NUM_WARPS)
+def fill_half_pair_table(table_ptr, NUM_WARPS: gl.constexpr, WIDE: gl.constexpr = False):
+    """Fill shared memory [256, 32, 1] int32 (WIDE: [256, 64, 1], the first 32 slots) with 32
+    copies of code_table's fp16 byte table per entry, and wait for every thread's part. As
+    with `fill_byte_table`, it must be the kernel's only shared memory while its lookups read
+    it at shared offset 0."""
+    slots: gl.constexpr = _WIDE_PAIR_SLOTS if WIDE else _HALF_PAIR_COPIES
+    return _fill_table(table_ptr, _HALF_PAIR_TABLE_OFFSET, _HALF_PAIR_COPIES, 1, NUM_WARPS, slots)
 
 
 def _half_lookup_asm() -> str:
@@ -381,15 +393,19 @@ def decode_words_half(words, copy_offset):
     )  # fmt: skip
 
 
-def _half2_word_asm() -> str:
+def _half2_word_asm(wide: bool = False) -> str:
     """$0: the f16x2 sum of byte b's code pair times x pair $(3 + b) over the four bytes of word
     $1 (even values in the low half, odd in the high), through the fp16 byte table
-    (`fill_half_pair_table`; $2 = lane * 4): per byte a shift, a lop3, one 4-byte load and one
-    packed fp16 fused multiply-add."""
+    (`fill_half_pair_table`; $2 = lane * 4): per byte a shift and a lop3 (wide table: one prmt
+    putting byte b above the lane's offset), one 4-byte load and one packed fp16 fused
+    multiply-add."""
     lines = ["{", ".reg .b32 t, a, base, q, s;", "mov.u32 base, global_smem;"]
     for k in range(4):
-        shift = "shl.b32 t, $1, 7;" if k == 0 else f"shr.u32 t, $1, {8 * k - 7};"
-        lines += [shift, "lop3.b32 a, t, 0x7f80, $2, 0xea;"]  # (byte k << 7) | copy offset
+        if wide:  # bytes of a: the offset's low byte, byte k of the word, then the offset's zeros
+            lines.append(f"prmt.b32 a, $1, $2, 0x55{k}4;")
+        else:
+            shift = "shl.b32 t, $1, 7;" if k == 0 else f"shr.u32 t, $1, {8 * k - 7};"
+            lines += [shift, "lop3.b32 a, t, 0x7f80, $2, 0xea;"]  # (byte k << 7) | offset
         lines += ["add.u32 a, a, base;", "ld.shared.b32 q, [a];"]
         lines.append(
             f"mul.rn.f16x2 s, q, ${3 + k};" if k == 0 else f"fma.rn.f16x2 s, q, ${3 + k}, s;"
@@ -399,6 +415,7 @@ def _half2_word_asm() -> str:
 
 
 _HALF2_WORD = gl.constexpr(_half2_word_asm())
+_HALF2_WORD_WIDE = gl.constexpr(_half2_word_asm(wide=True))
 _HALF2_SUM = gl.constexpr(
     "{ .reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; "
     "cvt.f32.f16 b, h; add.f32 $0, a, b; }"
@@ -407,12 +424,13 @@ _TO_HALF2 = gl.constexpr("cvt.rn.f16x2.f32 $0, $2, $1;")  # (even, odd) fp32 -> 
 
 
 @gluon.jit
-def dot_word_half2(words, copy_offset, x0, x1, x2, x3):
+def dot_word_half2(words, copy_offset, x0, x1, x2, x3, WIDE: gl.constexpr = False):
     """Per word: sum over its 4 bytes of (both codes) . (the matching f16x2 x pair), packed fp16
-    multiply-adds, returned as fp32 (the two halves added). All arguments share one shape."""
+    multiply-adds, returned as fp32 (the two halves added). All arguments share one shape.
+    WIDE: through the wide table (`fill_half_pair_table(..., WIDE=True)`)."""
     s = gl.inline_asm_elementwise(
-        _HALF2_WORD, "=r,r,r,r,r,r,r", [words, copy_offset, x0, x1, x2, x3], dtype=gl.int32,
-        is_pure=False, pack=1,
+        _HALF2_WORD_WIDE if WIDE else _HALF2_WORD, "=r,r,r,r,r,r,r",
+        [words, copy_offset, x0, x1, x2, x3], dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
     return gl.inline_asm_elementwise(
         _HALF2_SUM, "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1

@@ -46,7 +46,7 @@ PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
-    HALF_TABLE: gl.constexpr, HALF2: gl.constexpr,
+    HALF_TABLE: gl.constexpr, HALF2: gl.constexpr, WIDE: gl.constexpr = False,
 ):  # fmt: skip
     """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
     at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
@@ -54,7 +54,7 @@ def _accumulate(
     pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
     scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
     if HALF2:
-        return _accumulate_half2(acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT)
+        return _accumulate_half2(acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT, WIDE)
     if HALF_TABLE:
         h0, h1, h2, h3, l0, l1, l2, l3 = decode_words_half(words, copy_offset)
     else:
@@ -84,11 +84,12 @@ def _accumulate(
 
 @gluon.jit
 def _accumulate_half2(
-    acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr
+    acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
+    WIDE: gl.constexpr,
 ):  # fmt: skip
-    """`_accumulate` in packed fp16: each byte's code pair (the fp16 table) meets its x pair in
-    one f16x2 fused multiply-add, four bytes a chain, each word's sum widened to fp32 once.
-    x must fit fp16 (|x| < 65504)."""
+    """`_accumulate` in packed fp16: each byte's code pair (the fp16 table, or WIDE its wide
+    layout) meets its x pair in one f16x2 fused multiply-add, four bytes a chain, each word's
+    sum widened to fp32 once. x must fit fp16 (|x| < 65504)."""
     if X_FP16:
         xp = pairs
     else:  # bf16 pairs -> f16x2
@@ -101,7 +102,7 @@ def _accumulate_half2(
     _, p2 = gl.broadcast(w4, gl.expand_dims(p2, 1))
     _, p3 = gl.broadcast(w4, gl.expand_dims(p3, 1))
     _, offsets = gl.broadcast(w4, gl.expand_dims(copy_offset, 0))
-    sums = gl.sum(dot_word_half2(w4, offsets, p0, p1, p2, p3), axis=3)
+    sums = gl.sum(dot_word_half2(w4, offsets, p0, p1, p2, p3, WIDE), axis=3)
     return acc + gl.convert_layout(sums, acc.type.layout) * gl.expand_dims(scale, 0)
 
 
@@ -169,7 +170,7 @@ def gemv_4bit_kernel(
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, ROWS: gl.constexpr,
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
-    PERSISTENT: gl.constexpr = False,
+    PERSISTENT: gl.constexpr = False, WIDE_TABLE: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
@@ -232,8 +233,8 @@ def gemv_4bit_kernel(
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
     like_words = gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
-    if HALF_TABLE or HALF2:  # 4-byte entries, 32 copies: lane l reads copy l
-        table = fill_half_pair_table(table_ptr, gl.num_warps())
+    if HALF_TABLE or HALF2:  # 4-byte entries, 32 copies (or 64, WIDE): lane l reads copy l
+        table = fill_half_pair_table(table_ptr, gl.num_warps(), WIDE_TABLE)
         copy_offset = 4 * lane_id(like_words)
     else:
         table = fill_byte_table(table_ptr, gl.num_warps())
@@ -264,6 +265,7 @@ def gemv_4bit_kernel(
                 acc = _accumulate(
                     acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                     copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+                    WIDE_TABLE,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
@@ -274,7 +276,7 @@ def gemv_4bit_kernel(
                 acc = _accumulate(
                     acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk,
                     half_kw, copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2,
-                    HALF2,
+                    HALF2, WIDE_TABLE,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words1 = gl.load(
@@ -296,10 +298,12 @@ def gemv_4bit_kernel(
             acc = _accumulate(
                 acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+                WIDE_TABLE,
             )  # fmt: skip
             acc = _accumulate(
                 acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
+                WIDE_TABLE,
             )  # fmt: skip
             ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
             words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)

@@ -85,6 +85,9 @@ class KernelConfig:
     # gemv, one row of x: the fp16 table's code pairs meet x's pairs in packed fp16 fused
     # multiply-adds (f16x2), four bytes a chain, each word's sum widened once. x must fit fp16.
     packed_fma: bool = False
+    # gemv, packed_fma: the fp16 table with entries 256 bytes apart (64 KB of shared memory, half
+    # of it unused), so one prmt builds each lookup's address instead of a shift and a lop3.
+    wide_table: bool = False
     # gemv: 0 launches a program per block of rows; n > 0 launches at most n programs per SM,
     # each taking every grid-th block (fewer, longer-lived programs: the table is filled once
     # per program, and each block's first words are requested while the last one finishes).
@@ -165,6 +168,8 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
+        if config.wide_table and not config.packed_fma:
+            return False
         return config.block_m >= m and (config.block_m == 1 or not config.packed_fma)
     if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
         # Hopper: the bf16 pairs are scaled with mul.bf16x2, an sm_90 instruction.
@@ -308,7 +313,8 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
-        PERSISTENT=config.programs_per_sm > 0, num_warps=config.num_warps, launch_pdl=pdl,
+        PERSISTENT=config.programs_per_sm > 0, WIDE_TABLE=config.wide_table,
+        num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 

@@ -67,6 +67,48 @@ def test_lookup_addresses_match_the_filled_layout(half):
             assert _lookup_addresses(asm, word, copy_offset) == wanted
 
 
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode, selectors 0-7): byte i of the result is byte
+    (selector >> 4i) & 7 of b:a."""
+    source = (b << 32) | a
+    picks = ((source >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF for i in range(4))
+    return sum(byte << (8 * i) for i, byte in enumerate(picks))
+
+
+def _half2_addresses(asm: str, word: int, copy_offset: int) -> list[int]:
+    """The shared-memory offsets the packed-fp16 word asm loads from ($1: the word, $2: the
+    lane's offset), evaluating its shl/shr, lop3 0xea and prmt instructions."""
+    addresses = []
+    t = 0
+    for line in asm.splitlines():
+        if m := re.match(r"shl\.b32 t, \$1, (\d+);", line):
+            t = (word << int(m.group(1))) & 0xFFFFFFFF
+        elif m := re.match(r"shr\.u32 t, \$1, (\d+);", line):
+            t = word >> int(m.group(1))
+        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$2, 0xea;", line):
+            addresses.append((t & int(m.group(1), 16)) | copy_offset)
+        elif m := re.match(r"prmt\.b32 a, \$1, \$2, (0x[0-9a-f]+);", line):
+            addresses.append(_prmt(word, copy_offset, int(m.group(1), 16)))
+    return addresses
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_packed_lookup_addresses_match_the_filled_layout(wide):
+    """The packed-fp16 GEMV's asm must read entry `byte k of the word` from the lane's copy of
+    the fp16 table as `fill_half_pair_table` lays it out: [256 entries, 32 copies] of int32, or
+    with the wide layout [256 entries, 64 slots] (copies in the first 32), for every byte value
+    and lane."""
+    from engine.kernels.decode_4bit import HALF_PAIR_COPIES, WIDE_PAIR_SLOTS, _half2_word_asm
+
+    asm = _half2_word_asm(wide)
+    assert asm.count("ld.shared.b32") == 4
+    entry_bytes = (WIDE_PAIR_SLOTS if wide else HALF_PAIR_COPIES) * 4
+    for lane in range(32):
+        for word in (0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x80FF7F01):
+            wanted = [((word >> (8 * k)) & 0xFF) * entry_bytes + lane * 4 for k in range(4)]
+            assert _half2_addresses(asm, word, lane * 4) == wanted
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_half_pair_table_is_each_bytes_codes_in_fp16(quant_type):
     """Entry e of the fp16 byte table is one int32: code[e >> 4] in the low half (a byte's first

@@ -18,9 +18,9 @@ pytest.importorskip("triton.experimental.gluon")
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
 
-def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bool]]:
-    """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent) of
-    every GEMV entry of the H200 table."""
+def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bool, bool]]:
+    """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent,
+    wide_table) of every GEMV entry of the H200 table."""
     shapes = set()
     for config in json.loads(TUNED.read_text())["configs"].values():
         if config["kernel"] == "gemv":
@@ -28,14 +28,15 @@ def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bo
             shapes.add(
                 (config["block_m"], rows, config["threads_n"], config["warps_n"],
                  config["num_warps"], config.get("half_table", False),
-                 config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0)
+                 config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0,
+                 config.get("wide_table", False))
             )  # fmt: skip
     return sorted(shapes)
 
 
 def _compile(
     block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool,
-    packed_fma: bool = False, persistent: bool = False,
+    packed_fma: bool = False, persistent: bool = False, wide_table: bool = False,
 ):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
@@ -51,7 +52,7 @@ def _compile(
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
         WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
-        HALF2=packed_fma, PERSISTENT=persistent,
+        HALF2=packed_fma, PERSISTENT=persistent, WIDE_TABLE=wide_table,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
@@ -69,9 +70,12 @@ def test_only_the_table_lookups_touch_shared_memory_while_it_is_read(shape):
     from engine.kernels.decode_4bit import BYTE_TABLE_COPIES
 
     kernel = _compile(*shape)
-    # [256, 16 copies, 2 fp32] or, the fp16 table, [256, 32 copies, 1 pair]: 32 KB either way.
+    # [256, 16 copies, 2 fp32] or, the fp16 table, [256, 32 copies, 1 pair]: 32 KB either way;
+    # the fp16 table's wide layout, [256, 64 slots, 1 pair]: 64 KB.
     table_bytes = 256 * BYTE_TABLE_COPIES * 2 * 4
     assert table_bytes == 256 * 32 * 4
+    if len(shape) > 8 and shape[8]:
+        table_bytes *= 2
     if shape[7]:  # persistent: the table stays allocated beside any reduction scratch
         warps_n, num_warps = shape[3:5]
         if num_warps > warps_n:  # K spans warps: the per-block sum goes through shared memory
@@ -107,4 +111,15 @@ def test_persistent_gemv_keeps_its_table_beside_the_reduction_scratch():
     )
     test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
         (1, 2, 2, 4, 4, True, True, True)
+    )
+
+
+def test_wide_table_gemv_reads_only_its_table_in_the_loop():
+    """The wide fp16 table (64 KB, one prmt per lookup address), launched per block and
+    persistent, as the tuned table may ship it."""
+    test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
+        (1, 8, 2, 2, 4, True, True, False, True)
+    )
+    test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
+        (1, 4, 1, 4, 8, True, True, True, True)
     )

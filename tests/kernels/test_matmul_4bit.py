@@ -103,6 +103,7 @@ def _kernel_variants() -> list:
     from engine.kernels.matmul_4bit import KernelConfig
 
     persistent = {"half_table": True, "packed_fma": True, "programs_per_sm": 1}
+    packed = {"half_table": True, "packed_fma": True}
     variants = [
         KernelConfig("gemv", 1, 4, num_warps=2),
         KernelConfig("gemv", 4, 8, num_warps=4, threads_n=2, warps_n=2),
@@ -124,6 +125,9 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 8, num_warps=4, threads_n=2, warps_n=2, **persistent),
         KernelConfig("gemv", 1, 4, 0, 2, 4, threads_n=2, warps_n=2, **persistent),  # split K
         KernelConfig("gemv", 2, 8, num_warps=4, threads_n=2, warps_n=2, programs_per_sm=1),
+        # The wide table (one prmt per lookup address), persistent or not.
+        KernelConfig("gemv", 1, 16, 0, 1, 4, threads_n=2, warps_n=2, wide_table=True, **packed),
+        KernelConfig("gemv", 1, 16, 0, 1, 8, threads_n=1, warps_n=4, wide_table=True, **persistent),
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
