@@ -7,10 +7,14 @@ is the same for any mix of context lengths: CUDA graphs capture it once per batc
 
 With few sequences (batch 1: one program per KV head, a quarter of an H200's SMs) the context is
 split (flash-decoding): each split's program writes its unnormalized sum with its running max
-and denominator, and `_combine_splits` rescales and adds them. The split count depends only on
-the batch shape, never on context lengths, so it is fixed inside a captured graph."""
+and denominator, and the last of a (sequence, KV head)'s splits to finish (an atomic count per
+pair, which that program resets) rescales and adds them: no second kernel. The split count
+depends only on the batch shape, never on context lengths, so it is fixed inside a captured
+graph."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,15 +29,22 @@ MAX_SPLITS = 8
 @triton.jit
 def _paged_decode(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-    partial_ptr, stats_ptr, scale, sliding_window,
+    partial_ptr, stats_ptr, counts_ptr, scale, sliding_window,
     stride_q_tok, stride_q_head, stride_bt, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_tok, stride_c_head,
+    positions_ptr, cos_ptr, sin_ptr, k_new_ptr, v_new_ptr, slot_mapping_ptr,
+    stride_cos, stride_k_tok, stride_v_tok,
     QUERY_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr = False,
 ):  # fmt: skip
     """NUM_SPLITS == 1: out gets the attention. Otherwise partial [seq, head, split, HEAD_DIM]
-    gets each split's unnormalized sum and stats [seq, head, split, 2] its (max, denominator)."""
+    gets each split's unnormalized sum and stats [seq, head, split, 2] its (max, denominator),
+    counts [seq, kv_head] (zero between launches) how many splits are done, and the last one
+    writes out. ROTARY: q is this step's query before the rotary embedding, and the step's new
+    key and value (k_new, v_new, before it too) are not in the cache yet: each program rotates
+    its query heads, and the program whose share holds position ctx - 1 rotates the key and
+    writes both into slot_mapping's slot before it reads the cache."""
     pdl_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -43,10 +54,6 @@ def _paged_decode(
     g_ok = offs_g < QUERY_GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     heads = kv_head * QUERY_GROUP + offs_g
-    q = tl.load(
-        q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
-        mask=g_ok[:, None], other=0.0,
-    )  # fmt: skip
     m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
@@ -58,6 +65,32 @@ def _paged_decode(
     per_split = (tl.cdiv(ctx, TILE) - first_tile + NUM_SPLITS - 1) // NUM_SPLITS
     start = (first_tile + split * per_split) * TILE
     end = tl.minimum(ctx, start + per_split * TILE)
+    q_rows = q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head
+    if ROTARY:
+        half: tl.constexpr = HEAD_DIM // 2
+        offs_h = tl.arange(0, half)
+        pos = tl.load(positions_ptr + seq)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_h)
+        sin = tl.load(sin_ptr + pos * stride_cos + offs_h)
+        q1, q2 = _rotate_half(
+            q_rows + offs_h[None, :], half, cos[None, :], sin[None, :], g_ok[:, None]
+        )
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
+        # The program whose tiles hold the new token writes it (none for a padding row).
+        owner = (ctx - 1) // TILE - first_tile
+        slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+        if (per_split > 0) & (owner // tl.maximum(per_split, 1) == split) & (slot >= 0):
+            k_row = k_new_ptr + seq * stride_k_tok + kv_head * HEAD_DIM
+            k1, k2 = _rotate_half(k_row + offs_h, half, cos, sin, offs_h < half)
+            v = tl.load(v_new_ptr + seq * stride_v_tok + kv_head * HEAD_DIM + offs_d)
+            cache_dtype = k_cache_ptr.dtype.element_ty  # fp8 caches round here, as store_kv
+            target = slot * stride_c_tok + kv_head * stride_c_head
+            tl.store(k_cache_ptr + target + offs_h, k1.to(cache_dtype))
+            tl.store(k_cache_ptr + target + half + offs_h, k2.to(cache_dtype))
+            tl.store(v_cache_ptr + target + offs_d, v.to(cache_dtype))
+        tl.debug_barrier()  # the new token is in the cache before any thread reads its tile
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
     for t0 in range(start, end, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         t_ok = (offs_t < ctx) & (offs_t >= first)
@@ -88,36 +121,64 @@ def _paged_decode(
             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None],
         )  # fmt: skip
     else:
-        row = (seq * tl.num_programs(1) * QUERY_GROUP + heads) * NUM_SPLITS + split
+        first_row = (seq * tl.num_programs(1) * QUERY_GROUP + heads) * NUM_SPLITS
+        row = first_row + split
         tl.store(partial_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None])
         tl.store(stats_ptr + row * 2, m_i, mask=g_ok)
         tl.store(stats_ptr + row * 2 + 1, l_i, mask=g_ok)
+        # Every thread's stores are done before one thread's release makes them visible to the
+        # GPU; the last split to count acquires them all.
+        tl.debug_barrier()
+        count_ptr = counts_ptr + seq * tl.num_programs(1) + kv_head
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == NUM_SPLITS - 1:
+            tl.debug_barrier()
+            tl.store(count_ptr, 0)  # for the next launch (every split of this pair has counted)
+            _combine_group(
+                partial_ptr, stats_ptr, out_ptr, first_row, heads, g_ok, offs_d,
+                seq * stride_o_tok + heads * stride_o_head, NUM_SPLITS, HEAD_DIM,
+            )  # fmt: skip
 
 
 @triton.jit
-def _combine_splits(
-    partial_ptr, stats_ptr, out_ptr, num_heads, stride_o_tok, stride_o_head,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
+def _rotate_half(first_half, half: tl.constexpr, cos, sin, mask):
+    """The rotary embedding (rotate-half layout) of the values at first_half and half further,
+    rounded to their type as the rotary kernel and the portable layer round them."""
+    x1 = tl.load(first_half, mask=mask, other=0.0)
+    x2 = tl.load(first_half + half, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+
+
+@triton.jit
+def _combine_group(
+    partial_ptr, stats_ptr, out_ptr, first_row, heads, g_ok, offs_d, out_offsets,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """One program per (sequence, head): the splits' sums, each rescaled to the common max."""
-    pdl_start(PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = (seq * num_heads + head) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
-    m = tl.load(stats_ptr + row * 2)
-    den = tl.load(stats_ptr + row * 2 + 1)
-    m_max = tl.max(m, axis=0)
+    """out for a group's heads: the splits' sums, each rescaled to the common max. Loads skip L1
+    (.cg): other SMs wrote these rows, and this SM's L1 may hold an earlier launch's."""
+    offs_s = tl.arange(0, NUM_SPLITS)
+    rows = first_row[:, None] + offs_s[None, :]  # [group, split]
+    m = tl.load(stats_ptr + rows * 2, mask=g_ok[:, None], other=float("-inf"), cache_modifier=".cg")
+    den = tl.load(stats_ptr + rows * 2 + 1, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=1)
     # Splits with no tokens hold max -inf: weight zero (and no NaN when every split is empty).
-    weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(partial_ptr + row[:, None] * HEAD_DIM + offs_d[None, :])
-    total = tl.sum(acc * weight[:, None], axis=0)
-    den_total = tl.sum(den * weight, axis=0)
-    out = total / tl.where(den_total > 0, den_total, 1.0)  # an empty (padding) row gives zeros
+    weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max)[:, None])
+    total = tl.zeros((first_row.shape[0], HEAD_DIM), dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        part = tl.load(
+            partial_ptr + (first_row + s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=g_ok[:, None], other=0.0, cache_modifier=".cg",
+        )  # fmt: skip
+        total += part * tl.sum(tl.where(offs_s[None, :] == s, weight, 0.0), axis=1)[:, None]
+    den_total = tl.sum(den * weight, axis=1)
+    out = total / tl.where(den_total > 0, den_total, 1.0)[:, None]  # padding rows give zeros
     tl.store(
-        out_ptr + seq * stride_o_tok + head * stride_o_head + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-    )
+        out_ptr + out_offsets[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+        mask=g_ok[:, None],
+    )  # fmt: skip
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -141,15 +202,18 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    rotary: NewTokens | None = None,
 ) -> torch.Tensor:
-    """q: [num_seqs, num_heads, head_dim], one query per sequence at position context_len - 1.
-    key/value_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns q's shape.
-    num_splits (a power of two up to MAX_SPLITS): how many programs share each sequence's
-    context; by default `default_num_splits`."""
+    """q: [num_seqs, num_heads, head_dim] (heads contiguous), one query per sequence at
+    position context_len - 1. key/value_cache: [num_blocks, block_size, num_kv_heads, head_dim].
+    Returns q's shape. num_splits (a power of two up to MAX_SPLITS): how many programs share
+    each sequence's context; by default `default_num_splits`. rotary: q and the step's new keys
+    are still to be rotated, and the new keys and values still to be written to the cache: the
+    kernel does both (one launch instead of three)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs == 0:
         return out
     if num_splits is None:
@@ -157,6 +221,7 @@ def paged_decode_attention(
     if num_splits not in (1, 2, 4, 8):
         raise ValueError(f"num_splits must be 1, 2, 4 or 8, got {num_splits}")
     partial = stats = out  # unused with one split
+    counts = context_lens
     if num_splits > 1:
         partial = torch.empty(
             (num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -164,22 +229,54 @@ def paged_decode_attention(
         stats = torch.empty(
             (num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=q.device
         )
+        counts = split_counts(num_seqs * num_kv_heads, q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    new = rotary or NewTokens(context_lens, out, out, out, out, context_lens)  # unused then
+    if rotary is not None:
+        if key_cache.stride(0) != block_size * key_cache.stride(1) or q.stride(2) != 1:
+            raise ValueError("the fused rotary needs contiguous cache blocks and query heads")
     _paged_decode[(num_seqs, num_kv_heads, num_splits)](
-        q, key_cache, value_cache, block_tables, context_lens, out, partial, stats,
+        q, key_cache, value_cache, block_tables, context_lens, out, partial, stats, counts,
         scale, sliding_window or 0,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        new.positions, new.cos, new.sin, new.key, new.value, new.slot_mapping,
+        new.cos.stride(0), new.key.stride(0), new.value.stride(0),
         QUERY_GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=max(64, block_size), PRECISION=precision,
-        NUM_SPLITS=num_splits, num_warps=4, **pdl_launch(q.device),
+        NUM_SPLITS=num_splits, ROTARY=rotary is not None, num_warps=4, **pdl_launch(q.device),
     )  # fmt: skip
-    if num_splits > 1:
-        _combine_splits[(num_seqs, num_heads)](
-            partial, stats, out, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, num_warps=4, **pdl_launch(q.device),
-        )  # fmt: skip
     return out
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """A decode step's new tokens for `paged_decode_attention` to finish: their positions, the
+    rotary tables (cos, sin: [max_position, head_dim / 2] fp32), their keys and values before
+    the rotary embedding ([num_seqs, kv_heads * head_dim], rows may be strided views) and
+    their cache slots (-1: a padding row, not written)."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+_SPLIT_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counts(pairs: int, device: torch.device) -> torch.Tensor:
+    """The split-done counts of `pairs` (sequence, KV head) pairs: int32 zeros that each launch
+    leaves zero again, one buffer per device, grown (outside CUDA-graph capture) as needed."""
+    counts = _SPLIT_COUNTS.get(device)
+    if counts is None or counts.numel() < pairs:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split counts must be allocated before CUDA-graph capture")
+        counts = torch.zeros(max(pairs, 1024), dtype=torch.int32, device=device)
+        _SPLIT_COUNTS[device] = counts
+    return counts
 
 
 @triton.jit

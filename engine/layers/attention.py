@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import AttentionBatch, get_forward_context
+from engine.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -31,14 +32,64 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None
         self.use_kernels = False  # set by engine.kernels.enable_kernels
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
         """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim] (rows may be
         strided views). Where kernels are on, the cache write and decode groups run Triton
-        kernels; prefill groups (and everything on CPU) run SDPA over the gathered blocks."""
+        kernels; prefill groups (and everything on CPU) run SDPA over the gathered blocks.
+        With `rotary`, q and k are rotated to `positions` first: on a decode-only step with
+        kernels on, inside the decode kernel, which also writes the new keys and values."""
+        if rotary is not None:
+            out = self._fused_decode(q, k, v, positions, rotary)
+            if out is not None:
+                return out
+            q, k = self._rotate(q, k, positions, rotary, native=False)
         return self._forward(q, k, v, self.use_kernels)
 
-    def forward_native(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward_native(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        if rotary is not None:
+            q, k = self._rotate(q, k, positions, rotary, native=True)
         return self._forward(q, k, v, use_kernels=False)
+
+    def _rotate(
+        self, q: torch.Tensor, k: torch.Tensor, positions, rotary, native: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary.forward_native(positions, q, k) if native else rotary(positions, q, k)
+        return q.flatten(1), k.flatten(1)
+
+    def _fused_decode(self, q, k, v, positions, rotary) -> torch.Tensor | None:
+        """The attention of a decode-only step by one kernel that also rotates q and k and
+        writes the cache, or None where that does not apply."""
+        metadata = get_forward_context()
+        if not (self.use_kernels and rotary.use_kernels and len(metadata.batches) == 1):
+            return None
+        b = metadata.batches[0]
+        if b.max_query_len != 1 or b.num_seqs != q.shape[0]:
+            return None
+        from engine.kernels.paged_attention import NewTokens, paged_decode_attention
+
+        assert self.kv_cache is not None, "KV cache not bound"
+        new = NewTokens(positions, rotary.cos, rotary.sin, k, v, metadata.slot_mapping)
+        out = paged_decode_attention(
+            q.view(-1, self.num_heads, self.head_dim), self.kv_cache[0], self.kv_cache[1],
+            b.block_tables, b.context_lens, self.scale, self.sliding_window, rotary=new,
+        )  # fmt: skip
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
     def _forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_kernels: bool

@@ -79,8 +79,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.flatten(1), k.flatten(1), v)
+        # The attention layer rotates q and k (on decode steps, inside its kernel).
+        out = self.attn(q.flatten(1), k.flatten(1), v, positions, self.rotary_emb)
         return self.o_proj(out)
 
 

@@ -123,6 +123,59 @@ def test_paged_decode_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dt
     assert close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,window", [(32, 8, None), (8, 8, None), (8, 2, 20)])
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_decode_kernel_rotates_and_writes_the_new_token(dtype, heads, kv_heads, window, num_splits):
+    """The decode kernel handed the step's query, key and value before the rotary embedding
+    (NewTokens) equals rotating them, writing the cache and then attending, as the portable
+    layers do: same output, same cache bytes. The last row is CUDA-graph padding (slot -1, no
+    context): zeros out, nothing written."""
+    from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+    from engine.kernels.paged_attention import NewTokens, paged_decode_attention
+    from engine.layers.attention import Attention
+    from engine.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(1)
+    head_dim, block_size, num_blocks = 128, 16, 64
+    context_lens = [1, 17, 64, 130, 33]
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, None).to(DEVICE)
+    attn = Attention(heads, head_dim, kv_heads, head_dim**-0.5, window)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    blocks = torch.randperm(num_blocks).tolist()
+    tables, slots = [], []
+    for n in context_lens:
+        tables.append([blocks.pop() for _ in range(-(-n // block_size))])
+        slots.append(tables[-1][(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    width = max(map(len, tables))
+    tables.append([0] * width)  # the padding row
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
+    lens = torch.tensor(context_lens + [0], device=DEVICE)
+    slot_mapping = torch.tensor(slots + [-1], device=DEVICE)
+    positions = (lens - 1).clamp(min=0)
+    seqs = len(context_lens) + 1
+    # q, k, v as views of one fused projection output, as the model hands them over.
+    qkv = torch.randn(seqs, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+
+    attn.kv_cache = cache.clone()
+    batch = AttentionBatch(0, seqs, torch.arange(seqs, device=DEVICE), positions.view(-1, 1),
+                           padded, lens)  # fmt: skip
+    with set_forward_context(AttentionMetadata(slot_mapping, [batch])):
+        expected = attn.forward_native(q, k, v, positions, rope).view(seqs, heads, head_dim)
+
+    kernel_cache = cache.clone()
+    new = NewTokens(positions, rope.cos, rope.sin, k, v, slot_mapping)
+    out = paged_decode_attention(
+        q.view(seqs, heads, head_dim), kernel_cache[0], kernel_cache[1], padded, lens,
+        head_dim**-0.5, window, num_splits, rotary=new,
+    )  # fmt: skip
+    assert torch.equal(kernel_cache, attn.kv_cache)
+    assert close(out[:-1], expected[:-1], dtype)
+    assert torch.equal(out[-1], torch.zeros_like(out[-1]))
+    assert torch.equal(qkv, torch.cat([q, k, v], dim=1))  # the inputs are left as they were
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_decode_empty_row_is_zero(num_splits):
     """CUDA-graph padding rows have no context: they must give zeros, not NaN (split or not)."""
