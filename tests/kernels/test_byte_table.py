@@ -30,19 +30,33 @@ def test_byte_table_holds_both_codes_of_every_byte(quant_type):
     assert torch.equal(pairs, expected)
 
 
-def _lookup_addresses(asm: str, word: int, copy_offset: int) -> list[int]:
-    """The shared-memory offsets the lookup asm loads from for one word, by evaluating its
-    integer instructions (shl/shr, then lop3 0xea = (a & b) | c)."""
+def _lookup_addresses(
+    asm: str, word: int, copy_offset: int, word_arg: str = "$8", offset_arg: str = "$9"
+) -> list[int]:
+    """The shared-memory offsets a lookup asm loads from for one word (its operands word_arg and
+    offset_arg), by evaluating its integer instructions: shl/shr then lop3 0xea = (a & b) | c,
+    or one prmt."""
+    word_re, offset_re = re.escape(word_arg), re.escape(offset_arg)
     addresses = []
     t = 0
     for line in asm.splitlines():
-        if m := re.match(r"shl\.b32 t, \$8, (\d+);", line):
+        if m := re.match(rf"shl\.b32 t, {word_re}, (\d+);", line):
             t = (word << int(m.group(1))) & 0xFFFFFFFF
-        elif m := re.match(r"shr\.u32 t, \$8, (\d+);", line):
+        elif m := re.match(rf"shr\.u32 t, {word_re}, (\d+);", line):
             t = word >> int(m.group(1))
-        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$9, 0xea;", line):
+        elif m := re.match(rf"lop3\.b32 a, t, (0x[0-9a-f]+), {offset_re}, 0xea;", line):
             addresses.append((t & int(m.group(1), 16)) | copy_offset)
+        elif m := re.match(rf"prmt\.b32 a, {word_re}, {offset_re}, (0x[0-9a-f]+);", line):
+            addresses.append(_prmt(word, copy_offset, int(m.group(1), 16)))
     return addresses
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode, selectors 0-7): byte i of the result is byte
+    (selector >> 4i) & 7 of b:a."""
+    source = (b << 32) | a
+    picks = ((source >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF for i in range(4))
+    return sum(byte << (8 * i) for i, byte in enumerate(picks))
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -67,31 +81,6 @@ def test_lookup_addresses_match_the_filled_layout(half):
             assert _lookup_addresses(asm, word, copy_offset) == wanted
 
 
-def _prmt(a: int, b: int, selector: int) -> int:
-    """PTX prmt.b32 (default mode, selectors 0-7): byte i of the result is byte
-    (selector >> 4i) & 7 of b:a."""
-    source = (b << 32) | a
-    picks = ((source >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF for i in range(4))
-    return sum(byte << (8 * i) for i, byte in enumerate(picks))
-
-
-def _half2_addresses(asm: str, word: int, copy_offset: int) -> list[int]:
-    """The shared-memory offsets the packed-fp16 word asm loads from ($1: the word, $2: the
-    lane's offset), evaluating its shl/shr, lop3 0xea and prmt instructions."""
-    addresses = []
-    t = 0
-    for line in asm.splitlines():
-        if m := re.match(r"shl\.b32 t, \$1, (\d+);", line):
-            t = (word << int(m.group(1))) & 0xFFFFFFFF
-        elif m := re.match(r"shr\.u32 t, \$1, (\d+);", line):
-            t = word >> int(m.group(1))
-        elif m := re.match(r"lop3\.b32 a, t, (0x[0-9a-f]+), \$2, 0xea;", line):
-            addresses.append((t & int(m.group(1), 16)) | copy_offset)
-        elif m := re.match(r"prmt\.b32 a, \$1, \$2, (0x[0-9a-f]+);", line):
-            addresses.append(_prmt(word, copy_offset, int(m.group(1), 16)))
-    return addresses
-
-
 @pytest.mark.parametrize("wide", [False, True])
 def test_packed_lookup_addresses_match_the_filled_layout(wide):
     """The packed-fp16 GEMV's asm must read entry `byte k of the word` from the lane's copy of
@@ -106,7 +95,7 @@ def test_packed_lookup_addresses_match_the_filled_layout(wide):
     for lane in range(32):
         for word in (0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x80FF7F01):
             wanted = [((word >> (8 * k)) & 0xFF) * entry_bytes + lane * 4 for k in range(4)]
-            assert _half2_addresses(asm, word, lane * 4) == wanted
+            assert _lookup_addresses(asm, word, lane * 4, "$1", "$2") == wanted
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
