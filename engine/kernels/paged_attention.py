@@ -209,7 +209,7 @@ def paged_decode_attention(
     Returns q's shape. num_splits (a power of two up to MAX_SPLITS): how many programs share
     each sequence's context; by default `default_num_splits`. rotary: q and the step's new keys
     are still to be rotated, and the new keys and values still to be written to the cache: the
-    kernel does both (one launch instead of three)."""
+    kernel does both (one launch where the rotary and cache-write kernels made three)."""
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
