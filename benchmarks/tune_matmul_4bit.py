@@ -57,15 +57,16 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                 if rows * bm <= 8:
                     block_n = rows * threads_n * warps_n
                     # Persistent programs (a few per SM) for the packed launches, through the
-                    # fp16 table or its wide layout.
-                    for per_sm, wide in itertools.product(
-                        (0, 1, 2, 4) if packed else (0,), (False, True) if packed else (False,)
+                    # fp16 table or its wide layout, one or two words per fp16 chain.
+                    packed_options = (False, True) if packed else (False,)
+                    for per_sm, wide, pair in itertools.product(
+                        (0, 1, 2, 4) if packed else (0,), packed_options, packed_options
                     ):
                         out.append(
                             KernelConfig("gemv", bm, block_n, num_warps=warps,
                                          threads_n=threads_n, warps_n=warps_n, half_table=half,
                                          packed_fma=packed, programs_per_sm=per_sm,
-                                         wide_table=wide)
+                                         wide_table=wide, pair_words=pair)
                         )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;
@@ -255,6 +256,7 @@ def main() -> None:
             kind += "-packed" if cfg.packed_fma else ""
             kind += "-persistent" if cfg.programs_per_sm else ""
             kind += "-wide" if cfg.wide_table else ""
+            kind += "-pairs" if cfg.pair_words else ""
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             kind += "-tma" if cfg.tma else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)

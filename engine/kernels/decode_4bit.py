@@ -393,12 +393,12 @@ def decode_words_half(words, copy_offset):
     )  # fmt: skip
 
 
-def _half2_word_asm(wide: bool = False) -> str:
+def _half2_word_asm(wide: bool = False, accumulate: bool = False) -> str:
     """$0: the f16x2 sum of byte b's code pair times x pair $(3 + b) over the four bytes of word
     $1 (even values in the low half, odd in the high), through the fp16 byte table
     (`fill_half_pair_table`; $2 = lane * 4): per byte a shift and a lop3 (wide table: one prmt
     putting byte b above the lane's offset), one 4-byte load and one packed fp16 fused
-    multiply-add."""
+    multiply-add. accumulate: the chain starts from the f16x2 sum $7 instead of zero."""
     lines = ["{", ".reg .b32 t, a, base, q, s;", "mov.u32 base, global_smem;"]
     for k in range(4):
         if wide:  # bytes of a: the offset's low byte, byte k of the word, then the offset's zeros
@@ -407,15 +407,18 @@ def _half2_word_asm(wide: bool = False) -> str:
             shift = "shl.b32 t, $1, 7;" if k == 0 else f"shr.u32 t, $1, {8 * k - 7};"
             lines += [shift, "lop3.b32 a, t, 0x7f80, $2, 0xea;"]  # (byte k << 7) | offset
         lines += ["add.u32 a, a, base;", "ld.shared.b32 q, [a];"]
-        lines.append(
-            f"mul.rn.f16x2 s, q, ${3 + k};" if k == 0 else f"fma.rn.f16x2 s, q, ${3 + k}, s;"
-        )
+        if k == 0:
+            lines.append("fma.rn.f16x2 s, q, $3, $7;" if accumulate else "mul.rn.f16x2 s, q, $3;")
+        else:
+            lines.append(f"fma.rn.f16x2 s, q, ${3 + k}, s;")
     lines += ["mov.b32 $0, s;", "}"]
     return "\n".join(lines)
 
 
 _HALF2_WORD = gl.constexpr(_half2_word_asm())
 _HALF2_WORD_WIDE = gl.constexpr(_half2_word_asm(wide=True))
+_HALF2_WORD_ACC = gl.constexpr(_half2_word_asm(accumulate=True))
+_HALF2_WORD_WIDE_ACC = gl.constexpr(_half2_word_asm(wide=True, accumulate=True))
 _HALF2_SUM = gl.constexpr(
     "{ .reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; "
     "cvt.f32.f16 b, h; add.f32 $0, a, b; }"
@@ -428,10 +431,30 @@ def dot_word_half2(words, copy_offset, x0, x1, x2, x3, WIDE: gl.constexpr = Fals
     """Per word: sum over its 4 bytes of (both codes) . (the matching f16x2 x pair), packed fp16
     multiply-adds, returned as fp32 (the two halves added). All arguments share one shape.
     WIDE: through the wide table (`fill_half_pair_table(..., WIDE=True)`)."""
-    s = gl.inline_asm_elementwise(
+    return widen_half2_sum(half2_word_chain(words, copy_offset, x0, x1, x2, x3, WIDE))
+
+
+@gluon.jit
+def half2_word_chain(words, copy_offset, x0, x1, x2, x3, WIDE: gl.constexpr = False):
+    """`dot_word_half2`'s f16x2 sum before widening."""
+    return gl.inline_asm_elementwise(
         _HALF2_WORD_WIDE if WIDE else _HALF2_WORD, "=r,r,r,r,r,r,r",
         [words, copy_offset, x0, x1, x2, x3], dtype=gl.int32, is_pure=False, pack=1,
     )  # fmt: skip
+
+
+@gluon.jit
+def half2_word_chain_from(acc, words, copy_offset, x0, x1, x2, x3, WIDE: gl.constexpr = False):
+    """`half2_word_chain` continuing the f16x2 sum `acc` of an earlier word."""
+    return gl.inline_asm_elementwise(
+        _HALF2_WORD_WIDE_ACC if WIDE else _HALF2_WORD_ACC, "=r,r,r,r,r,r,r,r",
+        [words, copy_offset, x0, x1, x2, x3, acc], dtype=gl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@gluon.jit
+def widen_half2_sum(s):
+    """An f16x2 sum -> fp32: its two halves added."""
     return gl.inline_asm_elementwise(
         _HALF2_SUM, "=r,r", [s], dtype=gl.float32, is_pure=True, pack=1
     )

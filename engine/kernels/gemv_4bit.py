@@ -32,10 +32,13 @@ from engine.kernels.decode_4bit import (
     dot_word_half2,
     fill_byte_table,
     fill_half_pair_table,
+    half2_word_chain,
+    half2_word_chain_from,
     keep_table_live,
     lane_copy_offset,
     lane_id,
     to_half2,
+    widen_half2_sum,
 )
 
 WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
@@ -47,6 +50,7 @@ def _accumulate(
     acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
     HALF_TABLE: gl.constexpr, HALF2: gl.constexpr, WIDE: gl.constexpr = False,
+    PAIR_WORDS: gl.constexpr = False,
 ):  # fmt: skip
     """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
     at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
@@ -54,7 +58,9 @@ def _accumulate(
     pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
     scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
     if HALF2:
-        return _accumulate_half2(acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT, WIDE)
+        return _accumulate_half2(
+            acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT, WIDE, PAIR_WORDS
+        )
     if HALF_TABLE:
         h0, h1, h2, h3, l0, l1, l2, l3 = decode_words_half(words, copy_offset)
     else:
@@ -85,7 +91,7 @@ def _accumulate(
 @gluon.jit
 def _accumulate_half2(
     acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
-    WIDE: gl.constexpr,
+    WIDE: gl.constexpr, PAIR_WORDS: gl.constexpr,
 ):  # fmt: skip
     """`_accumulate` in packed fp16: each byte's code pair (the fp16 table, or WIDE its wide
     layout) meets its x pair in one f16x2 fused multiply-add, four bytes a chain, each word's
@@ -102,8 +108,25 @@ def _accumulate_half2(
     _, p2 = gl.broadcast(w4, gl.expand_dims(p2, 1))
     _, p3 = gl.broadcast(w4, gl.expand_dims(p3, 1))
     _, offsets = gl.broadcast(w4, gl.expand_dims(copy_offset, 0))
-    sums = gl.sum(dot_word_half2(w4, offsets, p0, p1, p2, p3, WIDE), axis=3)
+    if PAIR_WORDS:  # words 2j and 2j + 1 in one chain of eight bytes, widened once
+        w_a, w_b = _word_pairs(w4)
+        o_a, o_b = _word_pairs(offsets)
+        a0, b0 = _word_pairs(p0)
+        a1, b1 = _word_pairs(p1)
+        a2, b2 = _word_pairs(p2)
+        a3, b3 = _word_pairs(p3)
+        chain = half2_word_chain(w_a, o_a, a0, a1, a2, a3, WIDE)
+        chain = half2_word_chain_from(chain, w_b, o_b, b0, b1, b2, b3, WIDE)
+        sums = gl.sum(widen_half2_sum(chain), axis=3)
+    else:
+        sums = gl.sum(dot_word_half2(w4, offsets, p0, p1, p2, p3, WIDE), axis=3)
     return acc + gl.convert_layout(sums, acc.type.layout) * gl.expand_dims(scale, 0)
+
+
+@gluon.jit
+def _word_pairs(t):
+    """[m, n, chunk, 4 words] -> words 0 and 2, and words 1 and 3 (in registers: free)."""
+    return gl.split(gl.reshape(t, [t.shape[0], t.shape[1], t.shape[2], 2, 2]))
 
 
 @gluon.jit
@@ -171,6 +194,7 @@ def gemv_4bit_kernel(
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
     PERSISTENT: gl.constexpr = False, WIDE_TABLE: gl.constexpr = False,
+    PAIR_WORDS: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
@@ -265,7 +289,7 @@ def gemv_4bit_kernel(
                 acc = _accumulate(
                     acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                     copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                    WIDE_TABLE,
+                    WIDE_TABLE, PAIR_WORDS,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
@@ -276,7 +300,7 @@ def gemv_4bit_kernel(
                 acc = _accumulate(
                     acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk,
                     half_kw, copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2,
-                    HALF2, WIDE_TABLE,
+                    HALF2, WIDE_TABLE, PAIR_WORDS,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words1 = gl.load(
@@ -298,12 +322,12 @@ def gemv_4bit_kernel(
             acc = _accumulate(
                 acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                WIDE_TABLE,
+                WIDE_TABLE, PAIR_WORDS,
             )  # fmt: skip
             acc = _accumulate(
                 acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
                 copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                WIDE_TABLE,
+                WIDE_TABLE, PAIR_WORDS,
             )  # fmt: skip
             ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
             words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)

@@ -88,6 +88,9 @@ class KernelConfig:
     # gemv, packed_fma: the fp16 table with entries 256 bytes apart (64 KB of shared memory, half
     # of it unused), so one prmt builds each lookup's address instead of a shift and a lop3.
     wide_table: bool = False
+    # gemv, packed_fma: two words (eight bytes) per f16x2 chain before it is widened to fp32,
+    # instead of one (half the widenings; sixteen fp16 products a sum instead of eight).
+    pair_words: bool = False
     # gemv: 0 launches a program per block of rows; n > 0 launches at most n programs per SM,
     # each taking every grid-th block (fewer, longer-lived programs: the table is filled once
     # per program, and each block's first words are requested while the last one finishes).
@@ -168,7 +171,7 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
     if config.kernel == "gemv":
-        if config.wide_table and not config.packed_fma:
+        if (config.wide_table or config.pair_words) and not config.packed_fma:
             return False
         return config.block_m >= m and (config.block_m == 1 or not config.packed_fma)
     if config.kernel == "mma":  # 16 weight rows per warp, 8-64 rows of x in one tile
@@ -314,6 +317,7 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
         PERSISTENT=config.programs_per_sm > 0, WIDE_TABLE=config.wide_table,
+        PAIR_WORDS=config.pair_words,
         num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 

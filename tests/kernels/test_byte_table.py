@@ -81,16 +81,20 @@ def test_lookup_addresses_match_the_filled_layout(half):
             assert _lookup_addresses(asm, word, copy_offset) == wanted
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
-def test_packed_lookup_addresses_match_the_filled_layout(wide):
+def test_packed_lookup_addresses_match_the_filled_layout(wide, accumulate):
     """The packed-fp16 GEMV's asm must read entry `byte k of the word` from the lane's copy of
     the fp16 table as `fill_half_pair_table` lays it out: [256 entries, 32 copies] of int32, or
     with the wide layout [256 entries, 64 slots] (copies in the first 32), for every byte value
     and lane."""
     from engine.kernels.decode_4bit import HALF_PAIR_COPIES, WIDE_PAIR_SLOTS, _half2_word_asm
 
-    asm = _half2_word_asm(wide)
+    asm = _half2_word_asm(wide, accumulate)
     assert asm.count("ld.shared.b32") == 4
+    # A chain continuing an earlier word's sum starts from it ($7), else from the first product.
+    first = "fma.rn.f16x2 s, q, $3, $7;" if accumulate else "mul.rn.f16x2 s, q, $3;"
+    assert first in asm
     entry_bytes = (WIDE_PAIR_SLOTS if wide else HALF_PAIR_COPIES) * 4
     for lane in range(32):
         for word in (0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x80FF7F01):

@@ -182,6 +182,26 @@ def test_decode_kernel_rotates_and_writes_the_new_token(dtype, heads, kv_heads, 
     assert torch.equal(qkv, torch.cat([q, k, v], dim=1))  # the inputs are left as they were
 
 
+def test_split_combine_over_many_launches():
+    """The last split of each (sequence, KV head) combines the others' sums after counting them
+    with an atomic; over many launches of one sequence's heads (few programs: they run
+    concurrently, in varying order) the result must equal the unsplit kernel's every time, and
+    every count must be back at zero."""
+    from engine.kernels.paged_attention import paged_decode_attention, split_counts
+
+    torch.manual_seed(2)
+    dtype = DTYPES[0]
+    cache = torch.randn(2, 64, 16, 8, 128, device=DEVICE, dtype=dtype)
+    tables = torch.randperm(64, device=DEVICE)[:40].view(2, 20)
+    lens = torch.tensor([300, 77], device=DEVICE)
+    q = torch.randn(2, 32, 128, device=DEVICE, dtype=dtype)
+    expected = paged_decode_attention(q, cache[0], cache[1], tables, lens, 0.088, num_splits=1)
+    for _ in range(200 if DEVICE.type == "cuda" else 3):
+        out = paged_decode_attention(q, cache[0], cache[1], tables, lens, 0.088, num_splits=8)
+        assert close(out, expected, dtype)
+    assert not split_counts(16, DEVICE).any()
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_decode_empty_row_is_zero(num_splits):
     """CUDA-graph padding rows have no context: they must give zeros, not NaN (split or not)."""

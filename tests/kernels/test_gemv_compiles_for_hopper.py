@@ -18,9 +18,9 @@ pytest.importorskip("triton.experimental.gluon")
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
 
-def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bool, bool]]:
+def _shipped_gemv_shapes() -> list[tuple]:
     """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent,
-    wide_table) of every GEMV entry of the H200 table."""
+    wide_table, pair_words) of every GEMV entry of the H200 table."""
     shapes = set()
     for config in json.loads(TUNED.read_text())["configs"].values():
         if config["kernel"] == "gemv":
@@ -29,7 +29,7 @@ def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bo
                 (config["block_m"], rows, config["threads_n"], config["warps_n"],
                  config["num_warps"], config.get("half_table", False),
                  config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0,
-                 config.get("wide_table", False))
+                 config.get("wide_table", False), config.get("pair_words", False))
             )  # fmt: skip
     return sorted(shapes)
 
@@ -37,6 +37,7 @@ def _shipped_gemv_shapes() -> list[tuple[int, int, int, int, int, bool, bool, bo
 def _compile(
     block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool,
     packed_fma: bool = False, persistent: bool = False, wide_table: bool = False,
+    pair_words: bool = False,
 ):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
@@ -52,7 +53,7 @@ def _compile(
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
         WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
-        HALF2=packed_fma, PERSISTENT=persistent, WIDE_TABLE=wide_table,
+        HALF2=packed_fma, PERSISTENT=persistent, WIDE_TABLE=wide_table, PAIR_WORDS=pair_words,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}

@@ -128,6 +128,8 @@ def _kernel_variants() -> list:
         # The wide table (one prmt per lookup address), persistent or not.
         KernelConfig("gemv", 1, 16, 0, 1, 4, threads_n=2, warps_n=2, wide_table=True, **packed),
         KernelConfig("gemv", 1, 16, 0, 1, 8, threads_n=1, warps_n=4, wide_table=True, **persistent),
+        # Two words per fp16 chain.
+        KernelConfig("gemv", 1, 32, 0, 1, 4, threads_n=2, warps_n=2, pair_words=True, **packed),
         KernelConfig("mma", 8, 64, 0, 1, 4),
         KernelConfig("mma", 8, 16, 0, 4, 1),
         KernelConfig("mma", 16, 64, 0, 2, 4),
