@@ -108,13 +108,13 @@ def _accumulate_half2(
     _, p2 = gl.broadcast(w4, gl.expand_dims(p2, 1))
     _, p3 = gl.broadcast(w4, gl.expand_dims(p3, 1))
     _, offsets = gl.broadcast(w4, gl.expand_dims(copy_offset, 0))
-    if PAIR_WORDS:  # words 2j and 2j + 1 in one chain of eight bytes, widened once
-        w_a, w_b = _word_pairs(w4)
-        o_a, o_b = _word_pairs(offsets)
-        a0, b0 = _word_pairs(p0)
-        a1, b1 = _word_pairs(p1)
-        a2, b2 = _word_pairs(p2)
-        a3, b3 = _word_pairs(p3)
+    if PAIR_WORDS:  # words 2j and 2j + 1 (of 4) in one chain of eight bytes, widened once
+        w_a, w_b = _halves(w4)
+        o_a, o_b = _halves(offsets)
+        a0, b0 = _halves(p0)
+        a1, b1 = _halves(p1)
+        a2, b2 = _halves(p2)
+        a3, b3 = _halves(p3)
         chain = half2_word_chain(w_a, o_a, a0, a1, a2, a3, WIDE)
         chain = half2_word_chain_from(chain, w_b, o_b, b0, b1, b2, b3, WIDE)
         sums = gl.sum(widen_half2_sum(chain), axis=3)
@@ -124,16 +124,10 @@ def _accumulate_half2(
 
 
 @gluon.jit
-def _word_pairs(t):
-    """[m, n, chunk, 4 words] -> words 0 and 2, and words 1 and 3 (in registers: free)."""
-    return gl.split(gl.reshape(t, [t.shape[0], t.shape[1], t.shape[2], 2, 2]))
-
-
-@gluon.jit
 def _halves(t):
-    """[a, b, 2j] -> positions 0, 2, 4... and 1, 3, 5... of the last axis, which lives in each
+    """[..., 2j] -> positions 0, 2, 4... and 1, 3, 5... of the last axis, which lives in each
     thread's registers: free."""
-    return gl.split(gl.reshape(t, [t.shape[0], t.shape[1], t.shape[2] // 2, 2]))
+    return gl.split(gl.reshape(t, t.shape[:-1] + [t.shape[-1] // 2, 2]))
 
 
 @gluon.jit
