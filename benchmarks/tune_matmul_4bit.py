@@ -80,7 +80,7 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     splits = (1, 2, 4) if m <= 64 else (1, 2)
     w_left_bm = min(max(8, triton.next_power_of_2(m)), 128)  # the batch as the MMA's N
     for bn, bk, split, warps, stages in itertools.product(
-        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4)
+        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4, 6)
     ):
         out.append(KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True))
         if m >= 32:

@@ -210,6 +210,8 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
         return False
     if config.num_stages < 2:  # copies run at least one step ahead
         return False
+    if not config.decode_warps and config.num_stages < 3:  # and two in the plain kernel
+        return False
     if config.tma and not config.decode_warps:  # the TMA loader is a warp-specialized partition
         return False
     if config.decode_warps:  # warp-specialized: one MMA warpgroup

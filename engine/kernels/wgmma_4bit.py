@@ -12,8 +12,11 @@ MMAs read it and x's staged tile:
 - W_LEFT: out^T[BLOCK_N, BLOCK_M] += W x^T, the weight tile as the MMA's 64-row side and the
   batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
 - else: out[BLOCK_M, BLOCK_N] += x W^T, BLOCK_M = 16 * num_warps rows of x.
-Weight tiles are double-buffered and MMAs asynchronous: step i+1's bytes are decoded while step
-i's MMA runs."""
+While step i's MMA runs, the threads wait for step i+1's bytes and decode them into registers;
+the tile is stored once the MMA is done. No shared-memory store may be issued while an MMA is
+in flight: ptxas then serializes every MMA of the kernel (each HGMMA waited on alone, with no
+warning), which an MMA left in flight across the tile's store did here. One weight tile is
+enough, and steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     warpgroup_mma,
+    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -84,34 +88,34 @@ def start_mma(w_tile, x_tile, acc, W_LEFT: gl.constexpr):
 
 @gluon.jit
 def _mma_step(
-    i, n_steps, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs, s_ptrs, x_ptrs,
-    x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr, W_LAYOUT: gl.constexpr,
-    PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr, NUM_STAGES: gl.constexpr,
-    SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
+    i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs, s_ptrs,
+    x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
+    W_LAYOUT: gl.constexpr, PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr,
+    NUM_STAGES: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr,
+    BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """Step i into one weight tile: decode this thread's staged bytes into it and start the MMA
-    with x's staged tile; once the previous step's MMA is done, start copying the step
-    NUM_STAGES - 1 ahead into the stage that MMA read."""
-    stage = i % NUM_STAGES
-    async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i have landed
-    w_pairs.store(
-        decode_stage(
-            w_staging, s_staging, stage, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, W_LAYOUT,
-            PAIR_LAYOUT,
-        )
-    )  # fmt: skip
+    """Step i, its bytes already decoded (`pairs`): store its weight tile and run its MMA;
+    meanwhile wait for step i+1's bytes and decode them (returned); then start copying the step
+    NUM_STAGES - 1 ahead into the stage step i-1 read."""
+    w_pairs.store(pairs)
     fence_async_shared()
-    gl.thread_barrier()  # the weight tile and every thread's part of x's are written
-    acc = start_mma(w_tile, x_staging.index(stage), acc, W_LEFT)
-    acc = warpgroup_mma_wait(1, deps=[acc])
-    # Every warpgroup's previous MMA is done before its weight tile is rewritten and its x
-    # stage refilled.
+    # The tile and every thread's part of x's stage are written, and (each warpgroup having
+    # waited for its own) every MMA of step i-1 is done.
     gl.thread_barrier()
+    acc = start_mma(w_tile, x_staging.index(i % NUM_STAGES), warpgroup_mma_init(acc), W_LEFT)
+    async_copy.wait_group(NUM_STAGES - 3)  # this thread's copies for step i+1 have landed
+    pairs = decode_stage(
+        w_staging, s_staging, (i + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
+        W_LAYOUT, PAIR_LAYOUT,
+    )  # fmt: skip
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    if gl.num_warps() > 4:
+        gl.thread_barrier()  # the other warpgroup's MMA reads the tile the next step rewrites
     copy_step(
         i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
         x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
     )  # fmt: skip
-    return acc
+    return pairs, acc
 
 
 @gluon.constexpr_function
@@ -239,20 +243,18 @@ def wgmma_4bit_kernel(
     num_warps: gl.constexpr = gl.num_warps()
     chunks: gl.constexpr = BLOCK_K // 32  # 16-byte chunks per weight row per step
     gl.static_assert(BLOCK_N >= (32 // chunks) * num_warps, "fewer weight rows than threads")
-    gl.static_assert(NUM_STAGES >= 2, "copies run at least one step ahead")
+    gl.static_assert(NUM_STAGES >= 3, "copies run at least two steps ahead")
     w_layout: gl.constexpr = byte_layout(BLOCK_K, num_warps)
     x_layout: gl.constexpr = x_copy_layout(BLOCK_K, num_warps)
     accumulator: gl.constexpr = acc_layout(W_LEFT, BLOCK_M, BLOCK_N, num_warps)
     w_staging, s_staging, x_staging = allocate_stages(
         x_ptr.dtype.element_ty, NUM_STAGES, BLOCK_M, BLOCK_N, BLOCK_K
     )
-    # Two weight tiles, written as int32 pairs and read as 16-bit values.
+    # The weight tile, written as int32 pairs and read as 16-bit values.
     smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[0]
     pair_smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[1]
-    w_tile0 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
-    w_tile1 = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
-    w_pairs0 = w_tile0._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
-    w_pairs1 = w_tile1._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
+    w_tile = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
+    w_pairs = w_tile._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
 
     pid_k = gl.program_id(2)
     w_ptrs, s_ptrs, x_ptrs, x_ok, table_lane = operand_pointers(
@@ -273,20 +275,15 @@ def wgmma_4bit_kernel(
             SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
     pairs_layout: gl.constexpr = pair_layout(BLOCK_K, num_warps)
-    # Two steps per iteration, one per weight tile.
-    for i in range(0, n_steps, 2):
-        acc = _mma_step(
-            i, n_steps, acc, w_staging, s_staging, x_staging, w_tile0, w_pairs0, w_ptrs,
-            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-            w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
+    async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step 0 have landed
+    pairs = decode_stage(
+        w_staging, s_staging, 0, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout, pairs_layout
+    )  # fmt: skip
+    for i in range(n_steps):
+        pairs, acc = _mma_step(
+            i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs,
+            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout,
+            pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
         )  # fmt: skip
-        if i + 1 < n_steps:
-            acc = _mma_step(
-                i + 1, n_steps, acc, w_staging, s_staging, x_staging, w_tile1, w_pairs1, w_ptrs,
-                s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-                w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
-                BLOCKSIZE,
-            )  # fmt: skip
-    acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)  # no copy outlives the program
     store_out(acc, out_ptr, M, N, stride_om, stride_ok, accumulator, W_LEFT, BLOCK_M, BLOCK_N)

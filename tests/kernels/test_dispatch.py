@@ -16,7 +16,7 @@ def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
     from engine.kernels import matmul_4bit as mm
 
     table = {
-        "16": mm.KernelConfig("wgmma", 64, 64, 128, 4, 4),
+        "16": mm.KernelConfig("wgmma", 64, 64, 128, 4, 4, 3),
         "1": mm.KernelConfig("gemv", 1, 4, num_warps=2),
     }
     monkeypatch.setattr(mm, "_measured", lambda m, n, k, device: table[str(mm.m_bucket(m))])
@@ -54,10 +54,10 @@ def test_warpgroup_tiles_hopper_has():
     from engine.kernels import matmul_4bit as mm
 
     hopper = [
-        mm.KernelConfig("wgmma", 8, 64, 64, 1, 4, w_left=True),
-        mm.KernelConfig("wgmma", 256, 128, 128, 2, 8, w_left=True),
-        mm.KernelConfig("wgmma", 64, 64, 128, 4, 4, w_left=False),
-        mm.KernelConfig("wgmma", 128, 256, 64, 1, 8, w_left=False),
+        mm.KernelConfig("wgmma", 8, 64, 64, 1, 4, 3, w_left=True),
+        mm.KernelConfig("wgmma", 256, 128, 128, 2, 8, 4, w_left=True),
+        mm.KernelConfig("wgmma", 64, 64, 128, 4, 4, 3, w_left=False),
+        mm.KernelConfig("wgmma", 128, 256, 64, 1, 8, 4, w_left=False),
     ]
     assert all(mm._wgmma_tiles(c) for c in hopper)
     refused = [
@@ -69,6 +69,8 @@ def test_warpgroup_tiles_hopper_has():
         mm.KernelConfig("wgmma", 24, 64, 64, 1, 4, w_left=True),  # not a power of two
         mm.KernelConfig("wgmma", 64, 192, 64, 1, 4, w_left=False),  # not a power of two
         mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 1, w_left=True),  # no copy ahead
+        # The plain kernel decodes step i+1 while step i's MMA runs: copies 2 steps ahead.
+        mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 2, w_left=True),
     ]
     assert not any(mm._wgmma_tiles(c) for c in refused)
 

@@ -142,13 +142,13 @@ def _kernel_variants() -> list:
     ]
     if torch.cuda.get_device_capability() == (9, 0):  # warpgroup MMA: Hopper only
         variants += [
-            KernelConfig("wgmma", 64, 128, 64, 1, 4, w_left=False),
-            KernelConfig("wgmma", 64, 256, 128, 2, 4, w_left=False),
-            KernelConfig("wgmma", 128, 128, 64, 1, 8, w_left=False),
-            KernelConfig("wgmma", 8, 64, 64, 1, 4, w_left=True),
-            KernelConfig("wgmma", 16, 128, 128, 4, 4, w_left=True),
-            KernelConfig("wgmma", 64, 256, 64, 2, 8, w_left=True),
-            KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True),  # copies 2 steps ahead
+            KernelConfig("wgmma", 64, 128, 64, 1, 4, 4, w_left=False),
+            KernelConfig("wgmma", 64, 256, 128, 2, 4, 3, w_left=False),
+            KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=False),
+            KernelConfig("wgmma", 8, 64, 64, 1, 4, 4, w_left=True),
+            KernelConfig("wgmma", 16, 128, 128, 4, 4, 4, w_left=True),
+            KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True),
+            KernelConfig("wgmma", 16, 64, 128, 4, 4, 6, w_left=True),  # copies 5 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
             # Warp-specialized: decoder warps beside one MMA warpgroup.
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=4),

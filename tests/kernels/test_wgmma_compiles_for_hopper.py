@@ -1,7 +1,9 @@
-"""The warp-specialized warpgroup kernels (cp.async-fed and TMA-fed) compiled for sm_90 on this
-machine (Triton cross-compiles with its own ptxas; no GPU needed), as CI runs it, for every
-launch the tuned table ships and a few more: each builds, fits an SM's shared memory, hands its
-decoder warps the registers the launcher asks for, and spills nothing."""
+"""The warpgroup kernels (plain, warp-specialized cp.async-fed and TMA-fed) compiled for sm_90
+on this machine (Triton cross-compiles with its own ptxas; no GPU needed), as CI runs it, for
+every launch the tuned table ships and a few more: each builds, fits an SM's shared memory,
+hands its decoder warps the registers the launcher asks for, spills nothing, and issues each
+step's MMAs as one chain (ptxas serializes them, silently, when it cannot prove a pipeline
+safe: then every HGMMA waits for its own end)."""
 
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ def _launches() -> list[KernelConfig]:
     shipped = {
         KernelConfig(**config)
         for config in json.loads(TUNED.read_text())["configs"].values()
-        if config.get("decode_warps")
+        if config["kernel"] == "wgmma"
     }
     others = {
+        KernelConfig("wgmma", 64, 64, 64, 1, 4, 3, w_left=False),
+        KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True),  # two warpgroups
         KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
         KernelConfig("wgmma", 16, 64, 128, 4, 4, 5, decode_warps=4, decode_tiles=3),
         KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False, decode_warps=8, tma=True),
@@ -36,8 +40,11 @@ def _launches() -> list[KernelConfig]:
     return sorted(shipped | others, key=str)
 
 
-def _decode_regs(config: KernelConfig) -> tuple[int, int]:
-    """The decoders' registers and the kernel's cap, as the launcher passes them."""
+def _decode_regs(config: KernelConfig) -> tuple[int, int | None]:
+    """The decoders' registers and the kernel's cap, as the launcher passes them (none for the
+    plain kernel)."""
+    if not config.decode_warps:
+        return 0, None
     if config.tma:
         decode_regs, _, maxnreg = TMA_REGS[config.decode_warps]
         return decode_regs, maxnreg
@@ -52,7 +59,7 @@ def _compile(config: KernelConfig):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from engine.kernels.wgmma_4bit import tile_layouts
+    from engine.kernels.wgmma_4bit import tile_layouts, wgmma_4bit_kernel
     from engine.kernels.wgmma_tma_4bit import packed_tile_layout, wgmma_tma_4bit_kernel
     from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
 
@@ -71,6 +78,10 @@ def _compile(config: KernelConfig):
         DECODE_REGS=decode_regs, DECODE_TILES=config.decode_tiles,
     )  # fmt: skip
     kernel = wgmma_ws_4bit_kernel
+    if not config.decode_warps:
+        kernel = wgmma_4bit_kernel
+        for name in ("DECODE_WARPS", "DECODE_REGS", "DECODE_TILES"):
+            del constants[name]
     if config.tma:  # the descriptors come first; their types name the blocks and layouts
         x = TensorDescriptor.from_tensor(
             torch.empty(bm, 4096, dtype=torch.bfloat16), [bm, bk], tile_layouts(bk)[0]
@@ -85,30 +96,45 @@ def _compile(config: KernelConfig):
     signature.update(dict.fromkeys(constants, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs)
-    options = {"num_warps": config.num_warps, "maxnreg": maxnreg}
+    options = {"num_warps": config.num_warps}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-@pytest.mark.parametrize("config", _launches(), ids=str)
-def test_warp_specialized_launch_compiles_for_hopper(config, tmp_path):
+def _tool(name: str) -> Path:
     import triton
 
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"Triton ships no {name} here")
+    return path
+
+
+@pytest.mark.parametrize("config", _launches(), ids=str)
+def test_warpgroup_launch_compiles_for_hopper(config, tmp_path):
     kernel = _compile(config)
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     ptx = kernel.asm["ptx"]
-    decode_regs = _decode_regs(config)[0]
-    # The decoder partition's register budget, set as it starts.
-    assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t{decode_regs};", ptx)
-    assert "wgmma.mma_async" in ptx and "mbarrier.try_wait" in ptx
+    assert "wgmma.mma_async" in ptx
+    if config.decode_warps:
+        decode_regs = _decode_regs(config)[0]
+        # The decoder partition's register budget, set as it starts.
+        assert re.search(rf"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32 \t{decode_regs};", ptx)
+        assert "mbarrier.try_wait" in ptx
     if config.tma:
         assert "cp.async.bulk.tensor" in ptx  # the loader's copies
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not os.access(cuobjdump, os.X_OK):
-        pytest.skip("Triton ships no cuobjdump here: spills unchecked")
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     usage = subprocess.run(
-        [str(cuobjdump), "--dump-resource-usage", str(cubin)],
+        [str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
+    sass = subprocess.run(
+        [str(_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    mmas = [line for line in sass.splitlines() if "HGMMA" in line]
+    # A step's BLOCK_K / 16 MMAs chain, the last one alone marked to be waited on.
+    waited = sum("gsb0" in line for line in mmas)
+    assert mmas and waited * (config.block_k // 16) <= len(mmas), f"{waited} of {len(mmas)}"
