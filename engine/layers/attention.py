@@ -41,8 +41,8 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim] (rows may be
-        strided views). Where kernels are on, the cache write and decode groups run Triton
-        kernels; prefill groups (and everything on CPU) run SDPA over the gathered blocks.
+        strided views). Where kernels are on, the cache write and every group's attention run
+        Triton kernels (decode and prefill); elsewhere (CPU) SDPA runs over the gathered blocks.
         With `rotary`, q and k are rotated to `positions` first: on a decode-only step with
         kernels on, inside the decode kernel, which also writes the new keys and values."""
         return self._rotate_and_attend(q, k, v, positions, rotary, self.use_kernels)
@@ -110,6 +110,7 @@ class Attention(nn.Module):
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
         if use_kernels:
             from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
+            from engine.kernels.paged_prefill import paged_prefill_attention
 
             store_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         else:
@@ -126,20 +127,19 @@ class Attention(nn.Module):
         outputs = []
         for b in metadata.batches:
             rows = q[b.token_start : b.token_end]
-            if use_kernels and b.max_query_len == 1:
-                outputs.append(
-                    paged_decode_attention(
-                        rows,
-                        key_cache,
-                        value_cache,
-                        b.block_tables,
-                        b.context_lens,
-                        self.scale,
-                        self.sliding_window,
-                    )  # fmt: skip
-                )
+            if not use_kernels:
+                out = self._attend(rows, key_cache, value_cache, b)
+            elif b.max_query_len == 1:
+                out = paged_decode_attention(
+                    rows, key_cache, value_cache, b.block_tables, b.context_lens, self.scale,
+                    self.sliding_window,
+                )  # fmt: skip
             else:
-                outputs.append(self._attend(rows, key_cache, value_cache, b))
+                out = paged_prefill_attention(
+                    rows, key_cache, value_cache, b.flat_index, b.query_positions,
+                    b.block_tables, b.context_lens, self.scale, self.sliding_window,
+                )  # fmt: skip
+            outputs.append(out)
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out.reshape(-1, self.num_heads * self.head_dim)
 

@@ -215,3 +215,62 @@ def test_paged_decode_empty_row_is_zero(num_splits):
         num_splits=num_splits,
     )  # fmt: skip
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads,kv_heads,window,cache_dtype",
+    [(32, 32, None, None), (32, 8, None, None), (8, 2, 20, None), (12, 3, None, None),
+     (32, 8, None, torch.float8_e4m3fn)],
+)  # fmt: skip
+def test_paged_prefill_matches_sdpa_path(dtype, heads, kv_heads, window, cache_dtype):
+    """A prefill group over shuffled cache blocks: whole prompts, chunks after cached tokens
+    (queries that start mid-block and cross tiles), a one-token query among long ones, in a
+    sliding window or not: the kernel equals the portable attention (SDPA over the gathered
+    blocks, a boolean causal mask). 12 heads over 3: a group of 4, padded rows in between."""
+    if cache_dtype is not None and DEVICE.type != "cuda":
+        pytest.skip("Triton's interpreter rounds to fp8 its own way; GPUs run these cases")
+    from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+    from engine.kernels.paged_attention import store_kv_cache
+    from engine.kernels.paged_prefill import paged_prefill_attention
+    from engine.layers.attention import Attention
+
+    torch.manual_seed(3)
+    head_dim, block_size, num_blocks = 128, 16, 96
+    # (tokens already cached, tokens of this step)
+    steps = [(0, 37), (17, 20), (64, 1), (100, 90), (0, 130)]
+    attn = Attention(heads, head_dim, kv_heads, head_dim**-0.5, window)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    cache = cache.to(cache_dtype or dtype)
+    blocks = torch.randperm(num_blocks).tolist()
+    max_q = max(n for _, n in steps)
+    tables, slots, flat, query_positions = [], [], [], []
+    for j, (cached, n) in enumerate(steps):
+        tables.append([blocks.pop() for _ in range(-(-(cached + n) // block_size))])
+        slots += [tables[-1][p // block_size] * block_size + p % block_size
+                  for p in range(cached, cached + n)]  # fmt: skip
+        flat += range(j * max_q, j * max_q + n)
+        query_positions.append(list(range(cached, cached + n)) + [0] * (max_q - n))
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
+    lens = torch.tensor([c + n for c, n in steps], device=DEVICE)
+    slot_mapping = torch.tensor(slots, device=DEVICE)
+    tokens = len(slots)
+    q = torch.randn(tokens, heads, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(tokens, kv_heads * head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn(tokens, kv_heads * head_dim, device=DEVICE, dtype=dtype)
+    flat_index = torch.tensor(flat, device=DEVICE)
+    positions = torch.tensor(query_positions, device=DEVICE)
+
+    attn.kv_cache = cache.clone()
+    batch = AttentionBatch(0, tokens, flat_index, positions, padded, lens)
+    with set_forward_context(AttentionMetadata(slot_mapping, [batch])):
+        expected = attn.forward_native(q.flatten(1), k, v).view(tokens, heads, head_dim)
+
+    kernel_cache = cache.clone()
+    store_kv_cache(k, v, kernel_cache[0], kernel_cache[1], slot_mapping)
+    out = paged_prefill_attention(
+        q, kernel_cache[0], kernel_cache[1], flat_index, positions, padded, lens,
+        head_dim**-0.5, window,
+    )  # fmt: skip
+    assert close(out, expected, dtype)
