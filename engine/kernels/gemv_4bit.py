@@ -144,35 +144,69 @@ def _quarters(t, layout: gl.constexpr):
 
 
 @gluon.jit
+def _weight_rows(n0, offs, N, SILU_AND_MUL: gl.constexpr):
+    """The weight rows of a program's block rows n0 + offs. Rows past the end repeat the last
+    one (never stored). SILU_AND_MUL (W = [gate | up], N / 2 rows each): block row 2i is gate
+    row n0 / 2 + i and block row 2i + 1 the up row that multiplies it, so that both land in
+    one thread's registers (rows per thread are consecutive and even in number)."""
+    if SILU_AND_MUL:
+        half = N // 2
+        return gl.minimum(n0 // 2 + offs // 2, half - 1) + (offs % 2) * half
+    return gl.minimum(n0 + offs, N - 1)
+
+
+@gluon.jit
 def _row_pointers(
     w_ptr, absmax_ptr, n0, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE: gl.constexpr,
     block_n: gl.constexpr, w_layout: gl.constexpr, scale_layout: gl.constexpr,
+    SILU_AND_MUL: gl.constexpr = False,
 ):  # fmt: skip
-    """The weight words' and absmaxes' pointers of rows n0.. of one program's block, given each
-    chunk's first word (w_chunk [1, chunk, 1], s_chunk [1, chunk]). Rows past N re-read the
-    last row and are never stored. One absmax per (row, chunk): the block of the chunk's first
-    value (8 values a word)."""
+    """The weight words' and absmaxes' pointers of block rows n0.. of one program
+    (`_weight_rows`), given each chunk's first word (w_chunk [1, chunk, 1], s_chunk
+    [1, chunk]). One absmax per (row, chunk): the block of the chunk's first value (8 values a
+    word)."""
     w_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, gl.SliceLayout(2, w_layout)))
     w_w = gl.arange(0, WORDS_PER_THREAD, layout=gl.SliceLayout(0, gl.SliceLayout(1, w_layout)))
-    w_rows = gl.minimum(n0 + w_n, N - 1)
+    w_rows = _weight_rows(n0, w_n, N, SILU_AND_MUL)
     w_ptrs = (
         w_ptr + gl.expand_dims(gl.expand_dims(w_rows * stride_w, 1), 2) + w_chunk
         + gl.expand_dims(gl.expand_dims(w_w, 0), 1)
     )  # fmt: skip
     s_n = gl.arange(0, block_n, layout=gl.SliceLayout(1, scale_layout))
     scale_ptrs = (
-        absmax_ptr + gl.expand_dims(gl.minimum(n0 + s_n, N - 1) * stride_a, 1)
+        absmax_ptr + gl.expand_dims(_weight_rows(n0, s_n, N, SILU_AND_MUL) * stride_a, 1)
         + (8 * s_chunk) // BLOCKSIZE
     )  # fmt: skip
     return w_ptrs, scale_ptrs
 
 
 @gluon.jit
-def _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr):
-    """Sum the program's partial sums over K's threads and store rows n0.. of out."""
+def _store_rows(
+    acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr,
+    SILU_AND_MUL: gl.constexpr = False, half_layout: gl.constexpr = None,
+):  # fmt: skip
+    """Sum the program's partial sums over K's threads and store rows n0.. of out; or
+    (SILU_AND_MUL) silu(gate) * up of its (gate, up) row pairs as outputs n0 / 2.. of N / 2
+    (in half_layout: out_layout with half the rows), rounded as the separate SiLU-and-mul
+    kernel rounds its 16-bit inputs, so that the two give the same bits."""
     out = gl.sum(acc, axis=2)
-    o_m = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out_layout))
-    o_n = n0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, out_layout))
+    if SILU_AND_MUL:
+        gate, up = _halves(out)  # block rows 2i and 2i + 1: in one thread's registers
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        gate = gate.to(dtype).to(gl.float32)
+        act = (gate / (1.0 + gl.exp(-gate))).to(dtype).to(gl.float32)
+        product = gl.convert_layout(act * up.to(dtype).to(gl.float32), half_layout)
+        _store_tile(product, out_ptr, pid_k, n0 // 2, M, N // 2, stride_om, stride_ok)
+    else:
+        _store_tile(out, out_ptr, pid_k, n0, M, N, stride_om, stride_ok)
+
+
+@gluon.jit
+def _store_tile(out, out_ptr, pid_k, n0, M, N, stride_om, stride_ok):
+    """out [m, n] (a distributed layout) into columns n0.. of out_ptr's rows."""
+    layout: gl.constexpr = out.type.layout
+    o_m = gl.arange(0, out.shape[0], layout=gl.SliceLayout(1, layout))
+    o_n = n0 + gl.arange(0, out.shape[1], layout=gl.SliceLayout(0, layout))
     o_ptrs = (
         out_ptr + pid_k * stride_ok + gl.expand_dims(o_m * stride_om, 1) + gl.expand_dims(o_n, 0)
     )
@@ -188,12 +222,14 @@ def gemv_4bit_kernel(
     THREADS_N: gl.constexpr, WARPS_N: gl.constexpr, SPLIT_K: gl.constexpr,
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
     PERSISTENT: gl.constexpr = False, WIDE_TABLE: gl.constexpr = False,
-    PAIR_WORDS: gl.constexpr = False,
+    PAIR_WORDS: gl.constexpr = False, SILU_AND_MUL: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
     smaller than the row blocks; each program takes blocks pid, pid + grid, ... and requests
-    the next block's first words while it finishes the current one."""
+    the next block's first words while it finishes the current one. SILU_AND_MUL (W = [gate |
+    up], SPLIT_K 1): out [M, N / 2] = silu(x W_gate^T) * x W_up^T, each program's block of rows
+    being pairs of gate and up rows (`_weight_rows`): no separate activation kernel."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
@@ -218,6 +254,19 @@ def gemv_4bit_kernel(
     sums_layout: gl.constexpr = gl.SliceLayout(3, layout)  # [m, n, chunk]
     scale_layout: gl.constexpr = gl.SliceLayout(0, sums_layout)  # [n, chunk]
     out_layout: gl.constexpr = gl.SliceLayout(2, sums_layout)  # [m, n]
+    # SILU_AND_MUL's outputs [m, n / 2]: a thread's rows halved.
+    half_layout: gl.constexpr = gl.SliceLayout(
+        2,
+        gl.SliceLayout(
+            3,
+            gl.BlockedLayout(
+                size_per_thread=[BLOCK_M, max(ROWS // 2, 1), 1, PAIRS_PER_THREAD],
+                threads_per_warp=[1, THREADS_N, threads_k, 1],
+                warps_per_cta=[1, WARPS_N, warps_k, 1],
+                order=[3, 2, 1, 0],
+            ),
+        ),
+    )
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -230,7 +279,7 @@ def gemv_4bit_kernel(
     s_chunk = gl.expand_dims(s_c * WORDS_PER_THREAD, 0)
     w_ptrs, scale_ptrs = _row_pointers(
         w_ptr, absmax_ptr, n0, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE, block_n,
-        w_layout, scale_layout,
+        w_layout, scale_layout, SILU_AND_MUL,
     )  # fmt: skip
 
     # x pairs of the same chunks, four per word (pair offset = 4 * word offset).
@@ -273,7 +322,7 @@ def gemv_4bit_kernel(
             has_next = block + grid_n < num_blocks
             next_w_ptrs, next_scale_ptrs = _row_pointers(
                 w_ptr, absmax_ptr, n_next, N, stride_w, stride_a, w_chunk, s_chunk, BLOCKSIZE,
-                block_n, w_layout, scale_layout,
+                block_n, w_layout, scale_layout, SILU_AND_MUL,
             )  # fmt: skip
             acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
             for w0 in range(first, half_kw, 2 * stride):
@@ -307,7 +356,7 @@ def gemv_4bit_kernel(
                     )
             # The reduction's scratch is its own shared buffer (keep_table_live below).
             _store_rows(acc, out_ptr, pid_k, block * block_n, M, N, stride_om, stride_ok,
-                        out_layout)  # fmt: skip
+                        out_layout, SILU_AND_MUL, half_layout)  # fmt: skip
             w_ptrs, scale_ptrs = next_w_ptrs, next_scale_ptrs
         keep_table_live(table, table_ptr, N < 0, gl.num_warps())
     else:
@@ -327,4 +376,7 @@ def gemv_4bit_kernel(
             words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
             words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
         gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
-        _store_rows(acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout)
+        _store_rows(
+            acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout, SILU_AND_MUL,
+            half_layout,
+        )  # fmt: skip

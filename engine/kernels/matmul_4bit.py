@@ -245,10 +245,15 @@ def matmul_4bit(
     shape: tuple[int, int],
     blocksize: int,
     config: KernelConfig | None = None,
+    silu_and_mul: bool = False,
 ) -> torch.Tensor:
     """x [..., K] (fp16/bf16) @ W.T with W [N, K] in bnb's packed layout; returns [..., N] in x's
-    dtype. `table` comes from `code_table(code, device)`."""
+    dtype. `table` comes from `code_table(code, device)`. silu_and_mul (W = [gate | up]):
+    returns [..., N / 2] = silu(gate) * up instead, applied by the GEMV as it writes its output
+    (one K split) and by a second kernel otherwise; the same bits either way."""
     n, k = shape
+    if silu_and_mul and n % 2:
+        raise ValueError(f"silu_and_mul needs an even number of output features, got {n}")
     if not supports(shape, blocksize):
         raise ValueError(
             f"the 4-bit kernel needs K ({k}) to be a multiple of the blocksize ({blocksize}), "
@@ -261,12 +266,21 @@ def matmul_4bit(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.reshape(*lead, n)
+        return torch.empty((*lead, n // 2 if silu_and_mul else n), dtype=x.dtype, device=x.device)
     config = config or choose_config(m, n, k, x.device)
     if not fits(config, m, k, x.device):
         raise ValueError(f"{config} is not a fused launch for {m} rows, K={k}, on {x.device}")
+    if silu_and_mul:
+        if fused_silu_and_mul(config):
+            out = torch.empty((m, n // 2), dtype=x.dtype, device=x.device)
+            _launch_gemv(x2, packed, absmax, table, out, n, k, 0, blocksize, config, True)
+            return out.reshape(*lead, n // 2)
+        from engine.kernels.fused_ops import silu_and_mul as activation
+
+        out = matmul_4bit(x2, packed, absmax, table, shape, blocksize, config)
+        return activation(out).reshape(*lead, n // 2)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
@@ -294,7 +308,25 @@ def matmul_4bit(
     return out.reshape(*lead, n)
 
 
-def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
+def fused_silu_and_mul(config: KernelConfig) -> bool:
+    """Whether this GEMV launch applies SiLU-and-mul as it writes its output: one row of x
+    through packed fp16 multiply-adds (the batch-1 launches), one K split, and an even number
+    of rows per thread (a gate row and its up row side by side). (With two rows of x through
+    the fp32 table the fused output differed from the separate kernel's on an H200; those
+    launches keep the second kernel.)"""
+    rows = config.block_n // (config.threads_n * config.warps_n)
+    return (
+        config.kernel == "gemv"
+        and config.block_m == 1
+        and config.packed_fma
+        and config.split_k == 1
+        and rows % 2 == 0
+    )
+
+
+def _launch_gemv(
+    x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config, silu_and_mul=False
+) -> None:
     m = x2.shape[0]
     rows, spread = divmod(config.block_n, config.threads_n * config.warps_n)
     if spread or rows < 1 or 32 % config.threads_n or config.num_warps % config.warps_n:
@@ -313,13 +345,13 @@ def _launch_gemv(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, 
         blocks = min(blocks, config.programs_per_sm * sm_count(x2.device))
     grid = (blocks, config.split_k)
     gemv_4bit_kernel[grid](
-        pairs, words, absmax, table, target, m, n, k, pairs.stride(0), n, stride_ok, k // 8,
-        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
+        pairs, words, absmax, table, target, m, n, k, pairs.stride(0), target.stride(-2),
+        stride_ok, k // 8, k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, ROWS=rows,
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
         PERSISTENT=config.programs_per_sm > 0, WIDE_TABLE=config.wide_table,
-        PAIR_WORDS=config.pair_words,
+        PAIR_WORDS=config.pair_words, SILU_AND_MUL=silu_and_mul,
         num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 

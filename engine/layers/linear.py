@@ -112,6 +112,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dst_row = sum(self.output_sizes[:shard_id]) // self.tp_size
         return WeightShard(dim=0, src_start=self.tp_rank * size, size=size, dst_row=dst_row)
 
+    def forward_silu_and_mul(self, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """act(self(x)) for gate_up: act is SiLU-and-mul over the [gate | up] halves (this
+        rank's, with tensor parallelism), which the quantization method may fuse."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            raise ValueError(f"{self.prefix}: SiLU-and-mul needs two halves of one size")
+        return self.quant_method.apply_silu_and_mul(self, x, self.bias, act)
+
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul, split by heads. With more ranks than KV heads, each

@@ -37,7 +37,7 @@ def _shipped_gemv_shapes() -> list[tuple]:
 def _compile(
     block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool,
     packed_fma: bool = False, persistent: bool = False, wide_table: bool = False,
-    pair_words: bool = False,
+    pair_words: bool = False, silu_and_mul: bool = False,
 ):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
@@ -54,6 +54,7 @@ def _compile(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
         WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
         HALF2=packed_fma, PERSISTENT=persistent, WIDE_TABLE=wide_table, PAIR_WORDS=pair_words,
+        SILU_AND_MUL=silu_and_mul,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
@@ -123,4 +124,14 @@ def test_wide_table_gemv_reads_only_its_table_in_the_loop():
     )
     test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
         (1, 4, 1, 4, 8, True, True, True, True)
+    )
+
+
+@pytest.mark.parametrize("shape", [s for s in _shipped_gemv_shapes() if s[1] % 2 == 0], ids=str)
+def test_gemv_applying_silu_and_mul_reads_only_its_table_in_the_loop(shape):
+    """The shipped launches with SiLU-and-mul applied as they write (gate/up row pairs, an even
+    number of rows a thread): the same shared-memory rules, whatever the epilogue's layout
+    change needs."""
+    test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
+        (*shape, *[False] * (10 - len(shape)), True)
     )

@@ -196,3 +196,39 @@ def test_every_kernel_variant(quant_type, dtype):
             out = matmul_4bit(x, packed, absmax, table, (n, k), 64, config)
             err = (out.float() - expected).norm() / expected.norm()
             assert err < 4e-3, f"{config} on {n}x{k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_and_mul_as_the_gemv_writes_equals_the_separate_kernel(dtype):
+    """gate_up with SiLU-and-mul applied by the GEMV as it writes its output (each program's
+    rows being gate/up pairs) equals the GEMV then the SiLU-and-mul kernel, bit for bit: one row
+    of x through the fp16 table (wide, two words a chain, persistent, or plain); launches that
+    do not fuse (a K split, one row a thread, two rows of x) take the second kernel.
+    N/2 not a multiple of the block: the last block's pairs repeat the last rows, unstored."""
+    from engine.kernels.decode_4bit import code_table
+    from engine.kernels.fused_ops import silu_and_mul
+    from engine.kernels.matmul_4bit import KernelConfig, fused_silu_and_mul, matmul_4bit
+
+    packed_fma = {"half_table": True, "packed_fma": True}
+    fusing = [
+        KernelConfig("gemv", 1, 32, 0, 1, 4, threads_n=2, warps_n=2, wide_table=True,
+                     pair_words=True, **packed_fma),
+        KernelConfig("gemv", 1, 16, 0, 1, 8, threads_n=1, warps_n=4, wide_table=True,
+                     programs_per_sm=1, **packed_fma),
+        KernelConfig("gemv", 1, 16, 0, 1, 4, threads_n=2, warps_n=2, **packed_fma),
+    ]  # fmt: skip
+    separate = [
+        KernelConfig("gemv", 1, 32, 0, 4, 4, threads_n=8, warps_n=4, **packed_fma),  # split K
+        KernelConfig("gemv", 1, 4, 0, 1, 4, threads_n=4, **packed_fma),  # one row a thread
+        KernelConfig("gemv", 2, 16, num_warps=4, threads_n=2, warps_n=2),  # two rows of x
+    ]
+    assert all(map(fused_silu_and_mul, fusing)) and not any(map(fused_silu_and_mul, separate))
+    for n, k in [(22016, 4096), (2 * 1003, 4160)]:
+        packed, absmax, code, _ = quantized(n, k, "nf4", True)
+        table = code_table(code, torch.device("cuda"))
+        for config in fusing + separate:
+            x = torch.randn(config.block_m, k, device="cuda", dtype=dtype)
+            fused = matmul_4bit(x, packed, absmax, table, (n, k), 64, config, silu_and_mul=True)
+            expected = silu_and_mul(matmul_4bit(x, packed, absmax, table, (n, k), 64, config))
+            assert fused.shape == (config.block_m, n // 2)
+            assert torch.equal(fused, expected), f"{config} on {n}x{k}"

@@ -51,6 +51,13 @@ class LinearMethod(ABC):
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor: ...
 
+    def apply_silu_and_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, act: nn.Module
+    ) -> torch.Tensor:
+        """act(apply(...)) for a layer whose output is [gate | up] and `act` SiLU-and-mul: a
+        method whose kernel can apply the activation as it writes its output overrides this."""
+        return act(self.apply(layer, x, bias))
+
     def weight_bytes(self, layer: nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in layer.parameters(recurse=False))
 

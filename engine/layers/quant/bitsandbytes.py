@@ -294,27 +294,48 @@ class BitsAndBytesLinearMethod(LinearMethod):
                 layer.code_table = code_table(layer.quant_state.code, device)
 
     def apply(self, layer, x, bias):
-        if (
-            layer.use_kernels
-            and layer.code_table is not None
-            and layer.compute_dtype in (torch.float16, torch.bfloat16)
-        ):
+        if (config := self._fused_config(layer, x)) is not None:
             from engine.kernels import matmul_4bit as fused
 
-            rows = x.numel() // x.shape[-1]
-            config = fused.kernel_for(rows, *layer.shape, x.device)
-            if config is not None:  # measured faster than bitsandbytes for this shape
-                out = fused.matmul_4bit(
-                    x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table,
-                    layer.shape, self.config.bnb_4bit_blocksize, config,
-                )  # fmt: skip
-                out = out.to(x.dtype)
-                return out if bias is None else out + bias
+            out = fused.matmul_4bit(
+                x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table,
+                layer.shape, self.config.bnb_4bit_blocksize, config,
+            )  # fmt: skip
+            out = out.to(x.dtype)
+            return out if bias is None else out + bias
         out = bnb.matmul_4bit(
             x.to(layer.compute_dtype), layer.qweight.view(-1, 1), layer.quant_state
         )
         out = out.to(x.dtype)
         return out if bias is None else out + bias
+
+    def apply_silu_and_mul(self, layer, x, bias, act):
+        """Where the fused GEMV runs this layer (a decode step of a batch or two), it applies
+        SiLU-and-mul as it writes its output: one kernel instead of two."""
+        from engine.kernels import matmul_4bit as fused
+
+        config = self._fused_config(layer, x)
+        if config is None or bias is not None or not fused.fused_silu_and_mul(config):
+            return act(self.apply(layer, x, bias))
+        out = fused.matmul_4bit(
+            x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table, layer.shape,
+            self.config.bnb_4bit_blocksize, config, silu_and_mul=True,
+        )  # fmt: skip
+        return out.to(x.dtype)
+
+    @staticmethod
+    def _fused_config(layer, x):
+        """The fused kernel's launch for this call, or None where bitsandbytes runs it (no
+        kernel here, or none measured faster for this shape)."""
+        if not (
+            layer.use_kernels
+            and layer.code_table is not None
+            and layer.compute_dtype in (torch.float16, torch.bfloat16)
+        ):
+            return None
+        from engine.kernels import matmul_4bit as fused
+
+        return fused.kernel_for(x.numel() // x.shape[-1], *layer.shape, x.device)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The layer's weight as the matmul sees it (for tests and debugging)."""
