@@ -311,9 +311,9 @@ def matmul_4bit(
 def fused_silu_and_mul(config: KernelConfig) -> bool:
     """Whether this GEMV launch applies SiLU-and-mul as it writes its output: one row of x
     through packed fp16 multiply-adds (the batch-1 launches), one K split, and an even number
-    of rows per thread (a gate row and its up row side by side). (With two rows of x through
-    the fp32 table the fused output differed from the separate kernel's on an H200; those
-    launches keep the second kernel.)"""
+    of rows per thread (a gate row and its up row side by side). (Through the fp32 table, the
+    fused output differed from the separate kernel's in a few elements by a rounding step on
+    an H200, the packed launches in none; those launches keep the second kernel.)"""
     rows = config.block_n // (config.threads_n * config.warps_n)
     return (
         config.kernel == "gemv"

@@ -45,10 +45,11 @@ def _paged_decode(
     key and value (k_new, v_new, before it too) are not in the cache yet: each program rotates
     its query heads, and the program whose share holds position ctx - 1 rotates the key and
     writes both into slot_mapping's slot before it reads the cache."""
+    pdl_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(context_lens_ptr + seq)  # step inputs from the host: ready before any kernel
+    ctx = tl.load(context_lens_ptr + seq)
     offs_g = tl.arange(0, GROUP_PAD)
     g_ok = offs_g < QUERY_GROUP
     offs_d = tl.arange(0, HEAD_DIM)
@@ -64,15 +65,6 @@ def _paged_decode(
     per_split = (tl.cdiv(ctx, TILE) - first_tile + NUM_SPLITS - 1) // NUM_SPLITS
     start = (first_tile + split * per_split) * TILE
     end = tl.minimum(ctx, start + per_split * TILE)
-    # Before waiting for the kernel that wrote q (PDL): this program's first tile of keys and
-    # values, which earlier steps wrote (at batch 1, all of its share). The newest token's row
-    # is left out: this step writes it, in the kernel before this one or (ROTARY) below.
-    k_first, v_first = _load_tile(
-        start, start, end, first, ctx, seq, kv_head, block_tables_ptr, k_cache_ptr,
-        v_cache_ptr, k_cache_ptr.dtype.element_ty, stride_bt, stride_c_block, stride_c_tok,
-        stride_c_head, BLOCK_SIZE, TILE, HEAD_DIM,
-    )  # fmt: skip
-    pdl_start(PDL)
     q_rows = q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head
     if ROTARY:
         half: tl.constexpr = HEAD_DIM // 2
@@ -102,12 +94,15 @@ def _paged_decode(
     for t0 in range(start, end, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         t_ok = (offs_t < ctx) & (offs_t >= first)
-        # The first tile: only the newest token's row is still to load (the rest came early).
-        k, v = _load_tile(
-            t0, start, end, first, ctx, seq, kv_head, block_tables_ptr, k_cache_ptr,
-            v_cache_ptr, k_cache_ptr.dtype.element_ty, stride_bt, stride_c_block, stride_c_tok,
-            stride_c_head, BLOCK_SIZE, TILE, HEAD_DIM, k_first, v_first,
-        )  # fmt: skip
+        blocks = tl.load(
+            block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_ok, other=0
+        )
+        rows = (
+            blocks.to(tl.int64) * stride_c_block
+            + (offs_t % BLOCK_SIZE) * stride_c_tok
+            + kv_head * stride_c_head
+        )
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache widens here (a no-op otherwise)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(t_ok[None, :], s, float("-inf"))
@@ -115,6 +110,7 @@ def _paged_decode(
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -142,38 +138,6 @@ def _paged_decode(
                 partial_ptr, stats_ptr, out_ptr, first_row, heads, g_ok, offs_d,
                 seq * stride_o_tok + heads * stride_o_head, NUM_SPLITS, HEAD_DIM,
             )  # fmt: skip
-
-
-@triton.jit
-def _load_tile(
-    t0, start, end, first, ctx, seq, kv_head, block_tables_ptr, k_cache_ptr, v_cache_ptr,
-    cache_dtype: tl.constexpr, stride_bt, stride_c_block, stride_c_tok, stride_c_head,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, k_early=None,
-    v_early=None,
-):  # fmt: skip
-    """Keys and values [TILE, HEAD_DIM] of the tile at token t0 (rows outside [first, end): 0).
-    Without k_early/v_early: every row but the newest token's (position ctx - 1), which may not
-    be written yet. With them (that early load of the tile at `start`): at `start`, only that
-    row is loaded, the rest taken from them; any other tile is loaded whole."""
-    offs_t = t0 + tl.arange(0, TILE)
-    t_ok = (offs_t < end) & (offs_t >= first)
-    if k_early is None:
-        load = t_ok & (offs_t != ctx - 1)
-    else:
-        load = t_ok & ((offs_t == ctx - 1) | (t0 != start))
-    blocks = tl.load(block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=load, other=0)
-    rows = (
-        blocks.to(tl.int64) * stride_c_block
-        + (offs_t % BLOCK_SIZE) * stride_c_tok
-        + kv_head * stride_c_head
-    )
-    offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=load[:, None], other=0.0)
-    v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=load[:, None], other=0.0)
-    if k_early is not None:
-        k = tl.where(load[:, None], k, k_early)
-        v = tl.where(load[:, None], v, v_early)
-    return k.to(cache_dtype), v.to(cache_dtype)
 
 
 @triton.jit
