@@ -94,14 +94,10 @@ def _paged_decode(
     for t0 in range(start, end, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         t_ok = (offs_t < ctx) & (offs_t >= first)
-        blocks = tl.load(
-            block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_ok, other=0
-        )
-        rows = (
-            blocks.to(tl.int64) * stride_c_block
-            + (offs_t % BLOCK_SIZE) * stride_c_tok
-            + kv_head * stride_c_head
-        )
+        rows = cache_rows(
+            block_tables_ptr + seq * stride_bt, offs_t, t_ok, kv_head, stride_c_block,
+            stride_c_tok, stride_c_head, BLOCK_SIZE,
+        )  # fmt: skip
         k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache widens here (a no-op otherwise)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -138,6 +134,22 @@ def _paged_decode(
                 partial_ptr, stats_ptr, out_ptr, first_row, heads, g_ok, offs_d,
                 seq * stride_o_tok + heads * stride_o_head, NUM_SPLITS, HEAD_DIM,
             )  # fmt: skip
+
+
+@triton.jit
+def cache_rows(
+    block_table_ptr, offs_t, t_ok, kv_head, stride_c_block, stride_c_tok, stride_c_head,
+    BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """Where tokens offs_t of a sequence (its block table at block_table_ptr) keep this KV
+    head's keys or values in a [num_blocks, block_size, kv_heads, head_dim] cache (tokens not
+    t_ok: block 0's, never read)."""
+    blocks = tl.load(block_table_ptr + offs_t // BLOCK_SIZE, mask=t_ok, other=0)
+    return (
+        blocks.to(tl.int64) * stride_c_block
+        + (offs_t % BLOCK_SIZE) * stride_c_tok
+        + kv_head * stride_c_head
+    )
 
 
 @triton.jit

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.paged_attention import cache_rows
 from engine.kernels.pdl import pdl_launch, pdl_start
 
 
@@ -73,17 +74,11 @@ def _paged_prefill(
     for t0 in range(start, end, TILE):
         offs_t = t0 + tl.arange(0, TILE)
         t_ok = offs_t < end
-        blocks = tl.load(
-            block_tables_ptr + seq * stride_bt + offs_t // BLOCK_SIZE, mask=t_ok, other=0
-        )
-        cache_rows = (
-            blocks.to(tl.int64) * stride_c_block
-            + (offs_t % BLOCK_SIZE) * stride_c_tok
-            + kv_head * stride_c_head
-        )
-        k = tl.load(
-            k_cache_ptr + cache_rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0
-        )
+        rows = cache_rows(
+            block_tables_ptr + seq * stride_bt, offs_t, t_ok, kv_head, stride_c_block,
+            stride_c_tok, stride_c_head, BLOCK_SIZE,
+        )  # fmt: skip
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache widens here (a no-op otherwise)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         seen = live[:, None] & t_ok[None, :] & (offs_t[None, :] <= pos[:, None])
@@ -97,9 +92,7 @@ def _paged_prefill(
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_cache_ptr + cache_rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0
-        )
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
