@@ -21,6 +21,9 @@ class AttentionBatch:
     query_positions: torch.Tensor  # [num_seqs, max_query_len] (padding: 0)
     block_tables: torch.Tensor  # [num_seqs, max_num_blocks] (padding: block 0)
     context_lens: torch.Tensor  # [num_seqs] tokens in the cache once this step has written
+    # [num_seqs * max_query_len] each padded place's token row (-1: padding), for the prefill
+    # kernel: built by the first layer that needs it, then shared by the step's other layers.
+    query_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -113,22 +113,24 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [tokens, num_heads, head_dim] (heads contiguous), the group's queries in sequence
     order; flat_index [tokens]: each one's place in the padded [num_seqs, max_query_len] block
     of query_positions (its position); block_tables [num_seqs, width]; context_lens [num_seqs]:
     the tokens in the cache, this step's included (written before the call). A query attends to
     its sequence's tokens at positions up to its own (within the sliding window). Returns q's
-    shape. key/value_cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
+    shape. key/value_cache: [num_blocks, block_size, num_kv_heads, head_dim]. rows:
+    `query_rows(flat_index, num_seqs, max_query_len)`, where the caller keeps it for every
+    layer of a step (computed here otherwise)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs, max_query_len = query_positions.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    # Each padded place's query row (-1: padding).
-    rows = torch.full((num_seqs * max_query_len,), -1, dtype=torch.int32, device=q.device)
-    rows[flat_index] = torch.arange(num_tokens, dtype=torch.int32, device=q.device)
+    if rows is None:
+        rows = query_rows(flat_index, num_seqs, max_query_len)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_q = max(16, 64 // group_pad)  # 64 rows a tile (more for groups above 4)
@@ -145,3 +147,11 @@ def paged_prefill_attention(
         **pdl_launch(q.device),
     )  # fmt: skip
     return out
+
+
+def query_rows(flat_index: torch.Tensor, num_seqs: int, max_query_len: int) -> torch.Tensor:
+    """Each place of the padded [num_seqs, max_query_len] query block: its query's row in q
+    (flat_index inverted), or -1 for padding. int32, flat."""
+    rows = torch.full((num_seqs * max_query_len,), -1, dtype=torch.int32, device=flat_index.device)
+    rows[flat_index] = torch.arange(len(flat_index), dtype=torch.int32, device=flat_index.device)
+    return rows

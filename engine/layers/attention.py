@@ -110,7 +110,7 @@ class Attention(nn.Module):
         key_cache, value_cache = self.kv_cache[0], self.kv_cache[1]
         if use_kernels:
             from engine.kernels.paged_attention import paged_decode_attention, store_kv_cache
-            from engine.kernels.paged_prefill import paged_prefill_attention
+            from engine.kernels.paged_prefill import paged_prefill_attention, query_rows
 
             store_kv_cache(k, v, key_cache, value_cache, metadata.slot_mapping)
         else:
@@ -135,9 +135,12 @@ class Attention(nn.Module):
                     self.sliding_window,
                 )  # fmt: skip
             else:
+                if b.query_rows is None:  # once per step, not once per layer
+                    b.query_rows = query_rows(b.flat_index, b.num_seqs, b.max_query_len)
                 out = paged_prefill_attention(
                     rows, key_cache, value_cache, b.flat_index, b.query_positions,
                     b.block_tables, b.context_lens, self.scale, self.sliding_window,
+                    b.query_rows,
                 )  # fmt: skip
             outputs.append(out)
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -274,3 +274,12 @@ def test_paged_prefill_matches_sdpa_path(dtype, heads, kv_heads, window, cache_d
         head_dim**-0.5, window,
     )  # fmt: skip
     assert close(out, expected, dtype)
+
+    # The layer's kernel path: the cache write, then the kernel with the step's query rows,
+    # kept on the batch for the step's other layers.
+    attn.kv_cache, attn.use_kernels = cache.clone(), True
+    batch = AttentionBatch(0, tokens, flat_index, positions, padded, lens)
+    with set_forward_context(AttentionMetadata(slot_mapping, [batch])):
+        via_layer = attn.forward(q.flatten(1), k, v).view(tokens, heads, head_dim)
+    assert batch.query_rows is not None and torch.equal(via_layer, out)
+    assert torch.equal(attn.kv_cache, kernel_cache)
