@@ -294,18 +294,21 @@ class BitsAndBytesLinearMethod(LinearMethod):
                 layer.code_table = code_table(layer.quant_state.code, device)
 
     def apply(self, layer, x, bias):
-        if (config := self._fused_config(layer, x)) is not None:
+        return self._apply(layer, x, bias, self._fused_config(layer, x))
+
+    def _apply(self, layer, x, bias, config):
+        """The fused kernel with `config`, or (None) bitsandbytes' matmul."""
+        if config is not None:
             from engine.kernels import matmul_4bit as fused
 
             out = fused.matmul_4bit(
                 x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table,
                 layer.shape, self.config.bnb_4bit_blocksize, config,
             )  # fmt: skip
-            out = out.to(x.dtype)
-            return out if bias is None else out + bias
-        out = bnb.matmul_4bit(
-            x.to(layer.compute_dtype), layer.qweight.view(-1, 1), layer.quant_state
-        )
+        else:
+            out = bnb.matmul_4bit(
+                x.to(layer.compute_dtype), layer.qweight.view(-1, 1), layer.quant_state
+            )
         out = out.to(x.dtype)
         return out if bias is None else out + bias
 
@@ -316,7 +319,7 @@ class BitsAndBytesLinearMethod(LinearMethod):
 
         config = self._fused_config(layer, x)
         if config is None or bias is not None or not fused.fused_silu_and_mul(config):
-            return act(self.apply(layer, x, bias))
+            return act(self._apply(layer, x, bias, config))
         out = fused.matmul_4bit(
             x.to(layer.compute_dtype), layer.qweight, layer.absmax, layer.code_table, layer.shape,
             self.config.bnb_4bit_blocksize, config, silu_and_mul=True,
