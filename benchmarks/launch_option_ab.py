@@ -1,10 +1,10 @@
-"""One switch of the fused 4-bit launches (a boolean `KernelConfig` field, say `pair_words` or
-`prefetch_l2`), off and on, on the launches the shipped table names for each Llama-2-7B layer at
-each batch size: time per layer (in a CUDA graph, weights streamed from HBM) and relative error
-against bitsandbytes' dequantization. Launches the switch does not apply to are left out.
+"""One switch of the fused 4-bit launches (a boolean `KernelConfig` field, say `pair_words`),
+off and on, on the launches the shipped table names for each Llama-2-7B layer at each batch
+size: time per layer (in a CUDA graph, weights streamed from HBM) and relative error against
+bitsandbytes' dequantization. Launches the switch does not apply to are left out.
 
     python benchmarks/launch_option_ab.py pair_words --out benchmarks/results/ab_pair_words_b1.json
-    python benchmarks/launch_option_ab.py prefetch_l2 --batch-sizes 1 4 16 64
+    python benchmarks/launch_option_ab.py pair_words --batch-sizes 1 2
 """
 
 from __future__ import annotations

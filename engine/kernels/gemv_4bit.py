@@ -40,7 +40,6 @@ from engine.kernels.decode_4bit import (
     to_half2,
     widen_half2_sum,
 )
-from engine.kernels.prefetch_l2 import prefetch_rows_l2
 
 WORDS_PER_THREAD = gl.constexpr(4)  # one 128-bit load: 32 values, within one absmax block
 PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
@@ -182,28 +181,6 @@ def _row_pointers(
 
 
 @gluon.jit
-def _prefetch_block(
-    w_ptr, absmax_ptr, n0, N, K, BLOCKSIZE: gl.constexpr, block_n: gl.constexpr,
-    SILU_AND_MUL: gl.constexpr,
-):  # fmt: skip
-    """Ask L2 for block rows n0.. (`_weight_rows`): their packed bytes and absmaxes, whole. Rows
-    are contiguous (K / 2 bytes and K / BLOCKSIZE absmaxes each); SILU_AND_MUL's block is a run
-    of gate rows and the run of up rows that multiply them."""
-    row_bytes = K // 2
-    scale_bytes = (K // BLOCKSIZE) * 4
-    if SILU_AND_MUL:
-        half = N // 2
-        rows: gl.constexpr = block_n // 2
-        prefetch_rows_l2(w_ptr, n0 // 2, rows, half, row_bytes)
-        prefetch_rows_l2(w_ptr, half + n0 // 2, rows, N, row_bytes)
-        prefetch_rows_l2(absmax_ptr, n0 // 2, rows, half, scale_bytes)
-        prefetch_rows_l2(absmax_ptr, half + n0 // 2, rows, N, scale_bytes)
-    else:
-        prefetch_rows_l2(w_ptr, n0, block_n, N, row_bytes)
-        prefetch_rows_l2(absmax_ptr, n0, block_n, N, scale_bytes)
-
-
-@gluon.jit
 def _store_rows(
     acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout: gl.constexpr,
     SILU_AND_MUL: gl.constexpr = False, half_layout: gl.constexpr = None,
@@ -246,15 +223,13 @@ def gemv_4bit_kernel(
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
     PERSISTENT: gl.constexpr = False, WIDE_TABLE: gl.constexpr = False,
     PAIR_WORDS: gl.constexpr = False, SILU_AND_MUL: gl.constexpr = False,
-    PREFETCH_L2: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
     smaller than the row blocks; each program takes blocks pid, pid + grid, ... and requests
     the next block's first words while it finishes the current one. SILU_AND_MUL (W = [gate |
     up], SPLIT_K 1): out [M, N / 2] = silu(x W_gate^T) * x W_up^T, each program's block of rows
-    being pairs of gate and up rows (`_weight_rows`): no separate activation kernel.
-    PREFETCH_L2: each program first asks L2 for all of its blocks' rows (`prefetch_l2.py`)."""
+    being pairs of gate and up rows (`_weight_rows`): no separate activation kernel."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
@@ -324,14 +299,6 @@ def gemv_4bit_kernel(
     first = pid_k * step_words
     words0 = gl.load(w_ptrs + first, mask=first + w_chunk < half_kw)
     words1 = gl.load(w_ptrs + first + stride, mask=first + stride + w_chunk < half_kw)
-    if PREFETCH_L2:  # the rest of the program's rows, while the table fills and it waits
-        if PERSISTENT:
-            for block in range(pid_n, gl.cdiv(N, block_n), gl.num_programs(0)):
-                _prefetch_block(
-                    w_ptr, absmax_ptr, block * block_n, N, K, BLOCKSIZE, block_n, SILU_AND_MUL
-                )
-        else:
-            _prefetch_block(w_ptr, absmax_ptr, n0, N, K, BLOCKSIZE, block_n, SILU_AND_MUL)
     like_words = gl.zeros([block_n, chunks, WORDS_PER_THREAD], gl.int32, w_layout)
     if HALF_TABLE or HALF2:  # 4-byte entries, 32 copies (or 64, WIDE): lane l reads copy l
         table = fill_half_pair_table(table_ptr, gl.num_warps(), WIDE_TABLE)

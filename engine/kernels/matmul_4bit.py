@@ -104,11 +104,6 @@ class KernelConfig:
     # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
     # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
     tma: bool = False
-    # gemv, mma, wgmma (the plain kernel): each block of weight rows is first asked of L2 whole,
-    # bytes and absmaxes (bulk prefetches, `prefetch_l2.py`; the GEMV does it before it waits
-    # on the kernel before it): every byte a program will read is in flight at once, not only
-    # the steps its registers or stages hold.
-    prefetch_l2: bool = False
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -175,8 +170,6 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
 def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
-    if config.prefetch_l2 and (config.kernel == "gemm" or config.decode_warps):
-        return False  # kernels without the bulk prefetch
     if config.kernel == "gemv":
         if (config.wide_table or config.pair_words) and not config.packed_fma:
             return False
@@ -359,7 +352,7 @@ def _launch_gemv(
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
         PERSISTENT=config.programs_per_sm > 0, WIDE_TABLE=config.wide_table,
         PAIR_WORDS=config.pair_words, SILU_AND_MUL=silu_and_mul,
-        PREFETCH_L2=config.prefetch_l2, num_warps=config.num_warps, launch_pdl=pdl,
+        num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -371,7 +364,7 @@ def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, c
         x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, SPLIT_K=config.split_k, PREFETCH=config.num_stages > 2,
-        PREFETCH_L2=config.prefetch_l2, num_warps=config.num_warps,
+        num_warps=config.num_warps,
     )  # fmt: skip
 
 
@@ -405,7 +398,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
             DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,
         )  # fmt: skip
     else:
-        wgmma_4bit_kernel[grid](*args, **tiles, PREFETCH_L2=config.prefetch_l2)
+        wgmma_4bit_kernel[grid](*args, **tiles)
 
 
 @functools.cache

@@ -26,7 +26,6 @@ from engine.kernels.fragment_4bit import (
     weight_pointers,
     x_in_fragment_order,
 )
-from engine.kernels.prefetch_l2 import prefetch_rows_l2
 
 
 @gluon.jit
@@ -47,13 +46,11 @@ def mma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-    PREFETCH: gl.constexpr, PREFETCH_L2: gl.constexpr = False,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M <= BLOCK_M, K] @ W^T; 16 weight rows
     per warp, BLOCK_M (a multiple of 8) rows of x as BLOCK_M / 8 MMAs per 16 values of K.
-    PREFETCH: request the next iteration's weight bytes before decoding this one's.
-    PREFETCH_L2: the first K split's program of each block of rows first asks L2 for the
-    block's rows whole (`prefetch_l2.py`)."""
+    PREFETCH: request the next iteration's weight bytes before decoding this one's."""
     W: gl.constexpr = gl.num_warps()
     # x values [n, c, value]: lane 4 (n % 8) + c, rows n + 8i in its registers; every warp
     # loads the whole tile (from L1 after the first), so no exchange through shared memory.
@@ -73,9 +70,6 @@ def mma_4bit_kernel(
     w_ptrs, s_ptrs = weight_pointers(
         w_ptr, absmax_ptr, rows, c, word, stride_w, stride_a, BLOCKSIZE
     )
-    if PREFETCH_L2 and pid_k == 0:
-        prefetch_rows_l2(w_ptr, n0, 16 * W, N, K // 2)
-        prefetch_rows_l2(absmax_ptr, n0, 16 * W, N, (K // BLOCKSIZE) * 4)
     t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(table_ptr, table_lane, X_FP16)
     chunk_end = 32 * c + 32  # [1, 1, 1, 4]: the end of a lane's chunk, in values
 

@@ -31,7 +31,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from engine.kernels.decode_4bit import decode_pairs, load_code_table
-from engine.kernels.prefetch_l2 import prefetch_rows_l2
 
 
 @gluon.jit
@@ -238,11 +237,9 @@ def wgmma_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr, PREFETCH_L2: gl.constexpr = False,
+    NUM_STAGES: gl.constexpr,
 ):  # fmt: skip
-    """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0.
-    PREFETCH_L2: of the programs that share a block of weight rows (K splits, tiles of x's
-    rows), the first asks L2 for the block's rows whole (`prefetch_l2.py`)."""
+    """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0."""
     num_warps: gl.constexpr = gl.num_warps()
     chunks: gl.constexpr = BLOCK_K // 32  # 16-byte chunks per weight row per step
     gl.static_assert(BLOCK_N >= (32 // chunks) * num_warps, "fewer weight rows than threads")
@@ -264,10 +261,6 @@ def wgmma_4bit_kernel(
         x_ptr, w_ptr, absmax_ptr, M, N, stride_xm, stride_w, stride_a, BLOCKSIZE, BLOCK_M,
         BLOCK_N, BLOCK_K, w_layout, x_layout,
     )  # fmt: skip
-    if PREFETCH_L2 and pid_k == 0 and gl.program_id(1) == 0:
-        n0 = gl.program_id(0) * BLOCK_N
-        prefetch_rows_l2(w_ptr, n0, BLOCK_N, N, K // 2)
-        prefetch_rows_l2(absmax_ptr, n0, BLOCK_N, N, (K // BLOCKSIZE) * 4)
     # This dtype's table (code_table), one copy per lane.
     t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(table_ptr, table_lane, X_FP16)
 
