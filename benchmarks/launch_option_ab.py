@@ -1,7 +1,8 @@
-"""One switch of the fused 4-bit launches (a boolean `KernelConfig` field, say `pair_words`),
-off and on, on the launches the shipped table names for each Llama-2-7B layer at each batch
-size: time per layer (in a CUDA graph, weights streamed from HBM) and relative error against
-bitsandbytes' dequantization. Launches the switch does not apply to are left out.
+"""One switch of the fused 4-bit launches (a boolean `KernelConfig` field, say `pair_words`, or
+several joined by "+"), off and on, on the launches the shipped table names for each Llama-2-7B
+layer at each batch size: time per layer (in a CUDA graph, weights streamed from HBM) and
+relative error against bitsandbytes' dequantization. Launches the switch does not apply to are
+left out.
 
     python benchmarks/launch_option_ab.py pair_words --out benchmarks/results/ab_pair_words_b1.json
     python benchmarks/launch_option_ab.py pair_words --batch-sizes 1 2
@@ -24,7 +25,7 @@ from engine.kernels.matmul_4bit import fits, kernel_for, matmul_4bit
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("option", help="a boolean KernelConfig field")
+    parser.add_argument("option", help="a boolean KernelConfig field, or several joined by +")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -41,7 +42,7 @@ def main() -> None:
             if shipped is None:
                 continue
             for on in (False, True):
-                config = dataclasses.replace(shipped, **{args.option: on})
+                config = dataclasses.replace(shipped, **dict.fromkeys(args.option.split("+"), on))
                 if not fits(config, m, k, device):
                     break
                 out = matmul_4bit(x, layer.packed, layer.absmax, layer.table, (n, k), 64, config)

@@ -59,14 +59,17 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                     # Persistent programs (a few per SM) for the packed launches, through the
                     # fp16 table or its wide layout, one or two words per fp16 chain.
                     packed_options = (False, True) if packed else (False,)
-                    for per_sm, wide, pair in itertools.product(
-                        (0, 1, 2, 4) if packed else (0,), packed_options, packed_options
-                    ):
+                    # Several rows of x: their pairs requested an iteration ahead, or not.
+                    ahead_options = (False, True) if bm > 1 else (False,)
+                    for per_sm, wide, pair, ahead in itertools.product(
+                        (0, 1, 2, 4) if packed else (0,), packed_options, packed_options,
+                        ahead_options,
+                    ):  # fmt: skip
                         out.append(
                             KernelConfig("gemv", bm, block_n, num_warps=warps,
                                          threads_n=threads_n, warps_n=warps_n, half_table=half,
                                          packed_fma=packed, programs_per_sm=per_sm,
-                                         wide_table=wide, pair_words=pair)
+                                         wide_table=wide, pair_words=pair, x_ahead=ahead)
                         )  # fmt: skip
     if m <= 64:
         # Tensor cores from registers, 16 weight rows per warp, the whole batch in one tile;

@@ -46,17 +46,27 @@ PAIRS_PER_THREAD = gl.constexpr(16)  # x pairs matching them
 
 
 @gluon.jit
+def _load_x(x_ptrs, x_m_ok, x_chunk, w0, half_kw):
+    """The x pairs that meet the step at word w0 (zero past K)."""
+    return gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
+
+
+@gluon.jit
+def _load_scale(scale_ptrs, s_chunk, w0, half_kw, BLOCKSIZE: gl.constexpr):
+    """The absmax of each (row, chunk) of the step at word w0 (zero past K)."""
+    return gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
+
+
+@gluon.jit
 def _accumulate(
-    acc, words, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw, copy_offset,
-    BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
+    acc, words, pairs, scale, copy_offset, X_FP16: gl.constexpr, WORD_LAYOUT: gl.constexpr,
     HALF_TABLE: gl.constexpr, HALF2: gl.constexpr, WIDE: gl.constexpr = False,
     PAIR_WORDS: gl.constexpr = False,
 ):  # fmt: skip
-    """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for the step
-    at word w0 whose weight words are loaded. Words past K are masked off, not zeroed: any byte
-    decodes to a finite code, and its x pair and scale are loaded as zero."""
-    pairs = gl.load(x_ptrs + 4 * w0, mask=x_m_ok & (w0 + x_chunk < half_kw), other=0)
-    scale = gl.load(scale_ptrs + (8 * w0) // BLOCKSIZE, mask=w0 + s_chunk < half_kw, other=0.0)
+    """acc[m, n, chunk] += scale * sum over the thread's 32 values of W[n] * x[m], for one step's
+    loaded weight words, x pairs (`_load_x`) and scales (`_load_scale`). Words past K are
+    masked off, not zeroed: any byte decodes to a finite code, and its x pair and scale are
+    loaded as zero."""
     if HALF2:
         return _accumulate_half2(
             acc, words, pairs, scale, copy_offset, X_FP16, WORD_LAYOUT, WIDE, PAIR_WORDS
@@ -223,6 +233,7 @@ def gemv_4bit_kernel(
     PDL: gl.constexpr, HALF_TABLE: gl.constexpr, HALF2: gl.constexpr = False,
     PERSISTENT: gl.constexpr = False, WIDE_TABLE: gl.constexpr = False,
     PAIR_WORDS: gl.constexpr = False, SILU_AND_MUL: gl.constexpr = False,
+    X_AHEAD: gl.constexpr = False,
 ):  # fmt: skip
     """x_ptr: x as int32 pairs [M, K/2]; w_ptr: the packed weight as int32 words, row stride
     stride_w words; out [SPLIT_K, M, N] (fp32 partials) or [M, N]. PERSISTENT: the grid is
@@ -314,6 +325,9 @@ def gemv_4bit_kernel(
         gdc_launch_dependents()  # the next kernel may start (it waits for this one's end)
         gdc_wait()  # griddepcontrol.wait
 
+    if X_AHEAD:  # the first iteration's x pairs (x may be read from here on)
+        pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, first, half_kw)
+        pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, first + stride, half_kw)
     if PERSISTENT:
         num_blocks = gl.cdiv(N, block_n)
         grid_n = gl.num_programs(0)
@@ -326,34 +340,46 @@ def gemv_4bit_kernel(
             )  # fmt: skip
             acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
             for w0 in range(first, half_kw, 2 * stride):
-                # Each step's next words are requested as soon as its own are decoded; past
-                # this block's K they are the next block's first ones.
+                # Each step's next words (and X_AHEAD x pairs) are requested as soon as its own
+                # are decoded; past this block's K they are the next block's first ones.
                 ahead = w0 + 2 * stride
+                if not X_AHEAD:
+                    pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, w0, half_kw)
+                scale0 = _load_scale(scale_ptrs, s_chunk, w0, half_kw, BLOCKSIZE)
                 acc = _accumulate(
-                    acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-                    copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                    WIDE_TABLE, PAIR_WORDS,
+                    acc, words0, pairs0, scale0, copy_offset, X_FP16, word_layout,
+                    HALF_TABLE or HALF2, HALF2, WIDE_TABLE, PAIR_WORDS,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
+                    if X_AHEAD:
+                        pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, ahead, half_kw)
                 else:
                     words0 = gl.load(
                         next_w_ptrs + first, mask=has_next & (first + w_chunk < half_kw)
                     )
+                    if X_AHEAD:
+                        pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, first, half_kw)
+                if not X_AHEAD:
+                    pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, w0 + stride, half_kw)
+                scale1 = _load_scale(scale_ptrs, s_chunk, w0 + stride, half_kw, BLOCKSIZE)
                 acc = _accumulate(
-                    acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk,
-                    half_kw, copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2,
-                    HALF2, WIDE_TABLE, PAIR_WORDS,
+                    acc, words1, pairs1, scale1, copy_offset, X_FP16, word_layout,
+                    HALF_TABLE or HALF2, HALF2, WIDE_TABLE, PAIR_WORDS,
                 )  # fmt: skip
                 if ahead < half_kw:
                     words1 = gl.load(
                         w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw
                     )
+                    if X_AHEAD:
+                        pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, ahead + stride, half_kw)
                 else:
                     words1 = gl.load(
                         next_w_ptrs + first + stride,
                         mask=has_next & (first + stride + w_chunk < half_kw),
                     )
+                    if X_AHEAD:
+                        pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, first + stride, half_kw)
             # The reduction's scratch is its own shared buffer (keep_table_live below).
             _store_rows(acc, out_ptr, pid_k, block * block_n, M, N, stride_om, stride_ok,
                         out_layout, SILU_AND_MUL, half_layout)  # fmt: skip
@@ -362,19 +388,26 @@ def gemv_4bit_kernel(
     else:
         acc = gl.zeros([BLOCK_M, block_n, chunks], gl.float32, layout=sums_layout)
         for w0 in range(first, half_kw, 2 * stride):
+            if not X_AHEAD:
+                pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, w0, half_kw)
+            scale0 = _load_scale(scale_ptrs, s_chunk, w0, half_kw, BLOCKSIZE)
             acc = _accumulate(
-                acc, words0, w0, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-                copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                WIDE_TABLE, PAIR_WORDS,
+                acc, words0, pairs0, scale0, copy_offset, X_FP16, word_layout,
+                HALF_TABLE or HALF2, HALF2, WIDE_TABLE, PAIR_WORDS,
             )  # fmt: skip
+            if not X_AHEAD:
+                pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, w0 + stride, half_kw)
+            scale1 = _load_scale(scale_ptrs, s_chunk, w0 + stride, half_kw, BLOCKSIZE)
             acc = _accumulate(
-                acc, words1, w0 + stride, x_ptrs, x_m_ok, x_chunk, scale_ptrs, s_chunk, half_kw,
-                copy_offset, BLOCKSIZE, X_FP16, word_layout, HALF_TABLE or HALF2, HALF2,
-                WIDE_TABLE, PAIR_WORDS,
+                acc, words1, pairs1, scale1, copy_offset, X_FP16, word_layout,
+                HALF_TABLE or HALF2, HALF2, WIDE_TABLE, PAIR_WORDS,
             )  # fmt: skip
-            ahead = w0 + 2 * stride  # the next iteration's words (masked off past the end)
+            ahead = w0 + 2 * stride  # the next iteration's (masked off past the end)
             words0 = gl.load(w_ptrs + ahead, mask=ahead + w_chunk < half_kw)
             words1 = gl.load(w_ptrs + ahead + stride, mask=ahead + stride + w_chunk < half_kw)
+            if X_AHEAD:
+                pairs0 = _load_x(x_ptrs, x_m_ok, x_chunk, ahead, half_kw)
+                pairs1 = _load_x(x_ptrs, x_m_ok, x_chunk, ahead + stride, half_kw)
         gl.thread_barrier()  # the reduction's scratch may reuse the table's shared memory
         _store_rows(
             acc, out_ptr, pid_k, n0, M, N, stride_om, stride_ok, out_layout, SILU_AND_MUL,

@@ -104,6 +104,10 @@ class KernelConfig:
     # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
     # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
     tma: bool = False
+    # gemv: each step's x pairs are requested with its weight words, an iteration ahead, instead
+    # of as the step begins (more registers; faster where x is several rows: batch 2's o and
+    # down, 16-22%; slower at batch 1).
+    x_ahead: bool = False
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -170,6 +174,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
 def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
+    if config.x_ahead and config.kernel != "gemv":
+        return False  # a GEMV switch
     if config.kernel == "gemv":
         if (config.wide_table or config.pair_words) and not config.packed_fma:
             return False
@@ -351,7 +357,7 @@ def _launch_gemv(
         THREADS_N=config.threads_n, WARPS_N=config.warps_n, SPLIT_K=config.split_k,
         PDL=pdl, HALF_TABLE=config.half_table, HALF2=config.packed_fma,
         PERSISTENT=config.programs_per_sm > 0, WIDE_TABLE=config.wide_table,
-        PAIR_WORDS=config.pair_words, SILU_AND_MUL=silu_and_mul,
+        PAIR_WORDS=config.pair_words, SILU_AND_MUL=silu_and_mul, X_AHEAD=config.x_ahead,
         num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
 

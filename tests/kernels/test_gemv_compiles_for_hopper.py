@@ -20,7 +20,7 @@ TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H
 
 def _shipped_gemv_shapes() -> list[tuple]:
     """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent,
-    wide_table, pair_words) of every GEMV entry of the H200 table."""
+    wide_table, pair_words, x_ahead) of every GEMV entry of the H200 table."""
     shapes = set()
     for config in json.loads(TUNED.read_text())["configs"].values():
         if config["kernel"] == "gemv":
@@ -29,7 +29,8 @@ def _shipped_gemv_shapes() -> list[tuple]:
                 (config["block_m"], rows, config["threads_n"], config["warps_n"],
                  config["num_warps"], config.get("half_table", False),
                  config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0,
-                 config.get("wide_table", False), config.get("pair_words", False))
+                 config.get("wide_table", False), config.get("pair_words", False),
+                 config.get("x_ahead", False))
             )  # fmt: skip
     return sorted(shapes)
 
@@ -37,7 +38,7 @@ def _shipped_gemv_shapes() -> list[tuple]:
 def _compile(
     block_m: int, rows: int, threads_n: int, warps_n: int, num_warps: int, half_table: bool,
     packed_fma: bool = False, persistent: bool = False, wide_table: bool = False,
-    pair_words: bool = False, silu_and_mul: bool = False,
+    pair_words: bool = False, x_ahead: bool = False, silu_and_mul: bool = False,
 ):  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
@@ -54,7 +55,7 @@ def _compile(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=block_m, ROWS=rows, THREADS_N=threads_n,
         WARPS_N=warps_n, SPLIT_K=1, PDL=True, HALF_TABLE=half_table,
         HALF2=packed_fma, PERSISTENT=persistent, WIDE_TABLE=wide_table, PAIR_WORDS=pair_words,
-        SILU_AND_MUL=silu_and_mul,
+        X_AHEAD=x_ahead, SILU_AND_MUL=silu_and_mul,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)}
@@ -133,5 +134,5 @@ def test_gemv_applying_silu_and_mul_reads_only_its_table_in_the_loop(shape):
     number of rows a thread): the same shared-memory rules, whatever the epilogue's layout
     change needs."""
     test_only_the_table_lookups_touch_shared_memory_while_it_is_read(
-        (*shape, *[False] * (10 - len(shape)), True)
+        (*shape, *[False] * (11 - len(shape)), True)
     )

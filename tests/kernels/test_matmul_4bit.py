@@ -125,6 +125,12 @@ def _kernel_variants() -> list:
         KernelConfig("gemv", 1, 8, num_warps=4, threads_n=2, warps_n=2, **persistent),
         KernelConfig("gemv", 1, 4, 0, 2, 4, threads_n=2, warps_n=2, **persistent),  # split K
         KernelConfig("gemv", 2, 8, num_warps=4, threads_n=2, warps_n=2, programs_per_sm=1),
+        # x pairs requested an iteration ahead, per block of rows and persistent.
+        KernelConfig("gemv", 2, 16, num_warps=4, threads_n=2, warps_n=2, x_ahead=True),
+        KernelConfig(
+            "gemv", 2, 8, 0, 1, 4, threads_n=2, warps_n=2, programs_per_sm=1, x_ahead=True
+        ),
+        KernelConfig("gemv", 1, 16, 0, 2, 4, threads_n=2, warps_n=2, x_ahead=True, **packed),
         # The wide table (one prmt per lookup address), persistent or not.
         KernelConfig("gemv", 1, 16, 0, 1, 4, threads_n=2, warps_n=2, wide_table=True, **packed),
         KernelConfig("gemv", 1, 16, 0, 1, 8, threads_n=1, warps_n=4, wide_table=True, **persistent),
