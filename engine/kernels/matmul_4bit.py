@@ -104,9 +104,9 @@ class KernelConfig:
     # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
     # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
     tma: bool = False
-    # gemv, mma: each step's x pairs (mma: x tile) are requested with its weight words, an
-    # iteration ahead, instead of as the step begins (more registers; in the GEMV faster where
-    # x is several rows, batch 2's o and down by 16-22%, slower at batch 1).
+    # gemv: each step's x pairs are requested with its weight words, an iteration ahead, instead
+    # of as the step begins (more registers; faster where x is several rows: batch 2's o and
+    # down, 16-22%; slower at batch 1).
     x_ahead: bool = False
 
 
@@ -174,8 +174,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
 def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     """Whether `config` names a fused launch that can run M rows with this K on this device
     ("bitsandbytes" does not)."""
-    if config.x_ahead and config.kernel not in ("gemv", "mma"):
-        return False  # a switch of those two
+    if config.x_ahead and config.kernel != "gemv":
+        return False  # a GEMV switch
     if config.kernel == "gemv":
         if (config.wide_table or config.pair_words) and not config.packed_fma:
             return False
@@ -370,7 +370,7 @@ def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, c
         x2, packed, absmax, table, target, x2.shape[0], n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
         BLOCK_M=config.block_m, SPLIT_K=config.split_k, PREFETCH=config.num_stages > 2,
-        X_AHEAD=config.x_ahead, num_warps=config.num_warps,
+        num_warps=config.num_warps,
     )  # fmt: skip
 
 

@@ -46,12 +46,11 @@ def mma_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-    PREFETCH: gl.constexpr, X_AHEAD: gl.constexpr = False,
+    PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M <= BLOCK_M, K] @ W^T; 16 weight rows
     per warp, BLOCK_M (a multiple of 8) rows of x as BLOCK_M / 8 MMAs per 16 values of K.
-    PREFETCH: request the next iteration's weight bytes before decoding this one's.
-    X_AHEAD: request the next iteration's x tiles with its weight bytes, not as it begins."""
+    PREFETCH: request the next iteration's weight bytes before decoding this one's."""
     W: gl.constexpr = gl.num_warps()
     # x values [n, c, value]: lane 4 (n % 8) + c, rows n + 8i in its registers; every warp
     # loads the whole tile (from L1 after the first), so no exchange through shared memory.
@@ -94,9 +93,6 @@ def mma_4bit_kernel(
     k0 = pid_k * STEP_VALUES
     packed0, scale0 = load_words(w_ptrs, s_ptrs, k0, K, chunk_end, BLOCKSIZE)
     packed1, scale1 = load_words(w_ptrs, s_ptrs, k0 + stride, K, chunk_end, BLOCKSIZE)
-    if X_AHEAD:
-        xs0 = gl.load(x_rows + gl.minimum(k0 + x_chunk, K - 32))
-        xs1 = gl.load(x_rows + gl.minimum(k0 + stride + x_chunk, K - 32))
     for k0 in range(pid_k * STEP_VALUES, K, 2 * stride):
         k1 = k0 + stride
         if PREFETCH:
@@ -104,17 +100,16 @@ def mma_4bit_kernel(
             next1, next_scale1 = load_words(
                 w_ptrs, s_ptrs, k1 + 2 * stride, K, chunk_end, BLOCKSIZE
             )
-        if not X_AHEAD:
-            if BLOCK_M == 8:  # few x registers: request both steps' x with the weights
-                xs0 = gl.load(x_rows + gl.minimum(k0 + x_chunk, K - 32))
-                xs1 = gl.load(x_rows + gl.minimum(k1 + x_chunk, K - 32))
-            else:  # a step's x tile is BLOCK_M / 2 registers a lane: one at a time
-                xs0 = gl.load(x_rows + gl.minimum(k0 + x_chunk, K - 32))
+        if BLOCK_M == 8:  # few x registers: request both steps' x with the weights
+            xs0 = gl.load(x_rows + gl.minimum(k0 + x_chunk, K - 32))
+            xs1 = gl.load(x_rows + gl.minimum(k1 + x_chunk, K - 32))
+        else:  # a step's x tile is BLOCK_M / 2 registers a lane: one at a time
+            xs0 = gl.load(x_rows + gl.minimum(k0 + x_chunk, K - 32))
         acc = _step(
             acc, packed0, scale0, xs0, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
             a_layout, b_layout,
         )  # fmt: skip
-        if not X_AHEAD and BLOCK_M != 8:
+        if BLOCK_M != 8:
             xs1 = gl.load(x_rows + gl.minimum(k1 + x_chunk, K - 32))
         acc = _step(
             acc, packed1, scale1, xs1, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
@@ -125,9 +120,6 @@ def mma_4bit_kernel(
         else:
             packed0, scale0 = load_words(w_ptrs, s_ptrs, k1 + stride, K, chunk_end, BLOCKSIZE)
             packed1, scale1 = load_words(w_ptrs, s_ptrs, k1 + 2 * stride, K, chunk_end, BLOCKSIZE)
-        if X_AHEAD:
-            xs0 = gl.load(x_rows + gl.minimum(k1 + stride + x_chunk, K - 32))
-            xs1 = gl.load(x_rows + gl.minimum(k1 + 2 * stride + x_chunk, K - 32))
 
     o_n = n0 + gl.arange(0, 16 * W, layout=gl.SliceLayout(1, mma_layout))
     o_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma_layout))
