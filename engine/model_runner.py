@@ -87,7 +87,7 @@ class ModelRunner:
         self.model, self.load_report = load_model(model_dir, hf_config, quant_config, dtype, device)
         self.use_kernels = self._use_kernels(config.kernels, device)
         enable_kernels(self.model, self.use_kernels)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.use_kernels)
         self.graphs: DecodeGraphRunner | None = None  # captured once the cache exists
         self.prefill_graphs: PrefillGraphRunner | None = None  # the same, for one-sequence prefill
         self.cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)

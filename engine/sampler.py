@@ -60,7 +60,12 @@ class SamplerOutput:
 
 class Sampler:
     """Logprobs are the model's raw log-softmax (before penalties and temperature), as vLLM
-    reports them; the choice itself uses the processed distribution."""
+    reports them; the choice itself uses the processed distribution. With `use_kernels`, a step
+    where every row is greedy, none needs penalties and none asks for top logprobs takes one
+    kernel (`kernels/greedy_sample.py`) instead of the general path's four."""
+
+    def __init__(self, use_kernels: bool = False) -> None:
+        self.use_kernels = use_kernels
 
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
@@ -76,6 +81,13 @@ class Sampler:
     ) -> SamplerOutput:
         """Choose each row's token without waiting for the GPU (decisions that depend on the
         parameters are made from them, on the host)."""
+        if self.use_kernels and self._plain_greedy(seqs, in_flight):
+            from engine.kernels.greedy_sample import greedy_sample
+
+            token_ids, chosen = greedy_sample(logits)
+            output = SamplerOutput(token_ids, seqs, [], (chosen,))
+            output.start_copy_to_host()
+            return output
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._apply_penalties(logits, seqs, in_flight)
@@ -108,6 +120,17 @@ class Sampler:
         output = SamplerOutput(token_ids, seqs, logprob_rows, results)
         output.start_copy_to_host()
         return output
+
+    @staticmethod
+    def _plain_greedy(seqs: list[Sequence], in_flight: torch.Tensor | None) -> bool:
+        """Every row greedy, with no penalties, min_tokens or top logprobs to apply."""
+        extra = 0 if in_flight is None else 1
+        return all(
+            s.params.is_greedy
+            and s.params.logprobs is None
+            and not needs_logit_processing(s, extra)
+            for s in seqs
+        )
 
     def _apply_penalties(
         self, logits: torch.Tensor, seqs: list[Sequence], in_flight: torch.Tensor | None

@@ -43,6 +43,27 @@ def test_rms_norm_and_fused_residual(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_sample_is_argmax_and_its_log_softmax(dtype):
+    """One kernel against the sampler's general path: torch's argmax (ties to the lower index)
+    and log_softmax, on rows of strided logits whose vocabulary ends mid-block, with ties
+    within a block and across blocks."""
+    from engine.kernels.greedy_sample import BLOCK, greedy_sample
+
+    vocab = 2 * BLOCK + 123
+    logits = torch.randn(6, vocab + 5, device=DEVICE, dtype=dtype)[:, :vocab]
+    logits[1, 7] = logits[1, 9] = 40.0  # a tie inside one block
+    logits[2, 3] = logits[2, BLOCK + 3] = 40.0  # a tie across blocks
+    logits[3, vocab - 1] = 40.0  # the max in the last, partial block
+    logits[4] = -1e4  # a flat row: every entry ties
+    tokens, logprobs = greedy_sample(logits)
+    expected = logits.float().argmax(dim=-1)
+    assert torch.equal(tokens, expected)
+    assert tokens[1] == 7 and tokens[2] == 3 and tokens[3] == vocab - 1 and tokens[4] == 0
+    reference = torch.log_softmax(logits.float(), dim=-1).gather(1, expected[:, None])[:, 0]
+    assert torch.allclose(logprobs, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     from engine.kernels.fused_ops import silu_and_mul
     from engine.layers.activation import SiluAndMul
