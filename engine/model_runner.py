@@ -121,6 +121,10 @@ class ModelRunner:
                 self.prefill_graphs = PrefillGraphRunner(self.model, sizes, self.block_size, device)
                 if not self._min_across_ranks(int(self.prefill_graphs.capture(self.graphs.pool))):
                     self.prefill_graphs = None
+        if self.use_kernels:  # compile the sampler's kernel now, not inside the first request
+            with torch.inference_mode():
+                hidden = torch.zeros(1, hf_config.hidden_size, dtype=dtype, device=device)
+                self.sampler.warm_up(self.model.compute_logits(hidden))
 
     @staticmethod
     def _use_kernels(choice: str, device: torch.device) -> bool:

@@ -67,6 +67,13 @@ class Sampler:
     def __init__(self, use_kernels: bool = False) -> None:
         self.use_kernels = use_kernels
 
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Compile the greedy kernel for logits like these (a step's, as the model returns them)."""
+        if self.use_kernels:
+            from engine.kernels.greedy_sample import greedy_sample
+
+            greedy_sample(logits)
+
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator
     ) -> list[SampledToken]:
