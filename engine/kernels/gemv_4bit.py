@@ -240,7 +240,9 @@ def gemv_4bit_kernel(
     smaller than the row blocks; each program takes blocks pid, pid + grid, ... and requests
     the next block's first words while it finishes the current one. SILU_AND_MUL (W = [gate |
     up], SPLIT_K 1): out [M, N / 2] = silu(x W_gate^T) * x W_up^T, each program's block of rows
-    being pairs of gate and up rows (`_weight_rows`): no separate activation kernel."""
+    being pairs of gate and up rows (`_weight_rows`): no separate activation kernel. X_AHEAD:
+    each step's x pairs are requested with its words, an iteration ahead, instead of as the
+    step begins (more registers; it pays where x is several rows)."""
     threads_k: gl.constexpr = 32 // THREADS_N
     warps_k: gl.constexpr = gl.num_warps() // WARPS_N
     block_n: gl.constexpr = ROWS * THREADS_N * WARPS_N
