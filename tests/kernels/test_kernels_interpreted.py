@@ -1,9 +1,9 @@
 """The Triton kernels' tests (test_fused_ops.py: paged-attention decode with and without a split
 context, paged-attention prefill, the cache write, add + RMSNorm, SiLU-and-mul, rotary, greedy
-sampling) on
-machines without a GPU, such as CI: run in Triton's CPU interpreter, in a subprocess because
-TRITON_INTERPRET must be set before any kernel is defined. The fused 4-bit matmul kernels are
-Gluon and PTX, which the interpreter cannot run; GPU hosts run all of these compiled instead."""
+sampling) on machines without a GPU, such as CI: run in Triton's CPU interpreter, in a
+subprocess because TRITON_INTERPRET must be set before any kernel is defined. The fused 4-bit
+matmul kernels are Gluon and PTX, which the interpreter cannot run; GPU hosts run all of these
+compiled instead."""
 
 from __future__ import annotations
 
