@@ -39,15 +39,20 @@ import triton.language as tl
 from engine.kernels.gemm_4bit import gemm_4bit_kernel
 from engine.kernels.gemv_4bit import gemv_4bit_kernel
 from engine.kernels.gpu_info import capability, sm_count
-from engine.kernels.pdl import pdl_enabled
+from engine.kernels.pdl import pdl_enabled, pdl_launch, pdl_start
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @triton.jit
-def _sum_splits(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum over split-K partials (fp32), in a fixed order: results are deterministic."""
+def _sum_splits(
+    part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):  # fmt: skip
+    """out = sum over split-K partials (fp32), in a fixed order: results are deterministic.
+    Launched as a programmatic dependent (`pdl.py`), it is resident before the matmul that
+    writes the partials has finished, and waits for it."""
+    pdl_start(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -309,9 +314,17 @@ def matmul_4bit(
             num_stages=config.num_stages,
         )  # fmt: skip
     if split > 1:
-        block = 1024
-        _sum_splits[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split, BLOCK=block)
+        sum_splits(target, out)
     return out.reshape(*lead, n)
+
+
+def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """out [M, N] = the sum of split-K partials [SPLIT_K, M, N] (fp32)."""
+    block = 1024
+    numel = out.numel()
+    _sum_splits[(triton.cdiv(numel, block),)](
+        partials, out, numel, SPLIT_K=partials.shape[0], BLOCK=block, **pdl_launch(out.device)
+    )
 
 
 def fused_silu_and_mul(config: KernelConfig) -> bool:
