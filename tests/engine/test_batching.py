@@ -98,3 +98,14 @@ def test_abort_frees_blocks_at_once(checkpoints):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
     assert engine.abort_request("unknown") is None
+
+
+def test_offline_step_budget_is_larger_than_the_servers(checkpoints):
+    """LLM takes up to 8192 tokens a step unless told otherwise; the engine config the server
+    builds keeps 2048. An explicit budget wins."""
+    from engine.config import EngineConfig
+
+    assert _llm(checkpoints).llm_engine.scheduler.max_num_batched_tokens == 8192
+    llm = _llm(checkpoints, max_num_batched_tokens=512)
+    assert llm.llm_engine.scheduler.max_num_batched_tokens == 512
+    assert EngineConfig(model=str(checkpoints("llama"))).batched_tokens_limit == 2048
