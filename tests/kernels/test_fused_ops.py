@@ -63,6 +63,30 @@ def test_greedy_sample_is_argmax_and_its_log_softmax(dtype):
     assert torch.allclose(logprobs, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_sampler_takes_the_greedy_kernel_only_where_it_applies():
+    """With the kernels on, plain greedy rows get the general path's tokens and
+    log-probabilities from the one kernel; a step where a row asks for top logprobs takes the
+    general path (its ranks and top-k come back)."""
+    from engine.sampler import Sampler
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+
+    def seq(**params) -> Sequence:
+        return Sequence(0, "r", 0, [1, 2, 3], 3, SamplingParams(**params), frozenset(), 0.0)
+
+    logits = torch.randn(3, 1000, device=DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    greedy = [seq(temperature=0) for _ in range(3)]
+    fast = Sampler(use_kernels=True).sample(logits, greedy, generator)
+    general = Sampler().sample(logits, greedy, generator)
+    assert torch.equal(fast.token_ids, general.token_ids)
+    assert torch.allclose(fast.results[0], general.results[0], rtol=1e-5, atol=1e-5)
+    mixed = greedy[:2] + [seq(temperature=0, logprobs=2)]
+    out = Sampler(use_kernels=True).sample(logits, mixed, generator)
+    assert out.logprob_rows == [2] and len(out.results) == 4
+    assert torch.equal(out.token_ids, general.token_ids)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype):
     from engine.kernels.fused_ops import silu_and_mul
