@@ -1,6 +1,9 @@
 """CUDA graphs for decode steps: the whole forward pass replayed as one launch.
 
-A decode-only step of B sequences runs the graph captured for the smallest batch bucket >= B.
+A decode-only step of B sequences runs the graph captured for the smallest batch bucket >= B
+and, for buckets small enough that the attention kernel splits each context over several
+programs, for the step's split count, which its longest context caps (`Attention.decode_splits`):
+such a bucket has a graph per split count.
 The graph reads its inputs from static buffers that each step refills: token ids, positions,
 cache slots, block tables and context lengths. Padding rows get slot -1 (the cache write skips
 them) and context length 0 (attention returns zeros), so they touch nothing. Graphs are used
@@ -13,13 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from engine.forward_context import AttentionBatch, AttentionMetadata, set_forward_context
+from engine.kv_cache import attention_layers
 
 logger = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -30,13 +37,14 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 def capture_buckets(
-    forward: Callable[[int], torch.Tensor],
-    sizes: list[int],
+    forward: Callable[[K], torch.Tensor],
+    sizes: list[K],
     device: torch.device,
     pool: tuple | None = None,
-) -> tuple[dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]], tuple]:
-    """forward(size) captured for every size into one memory pool (a new one unless given),
-    largest first so that later graphs reuse its memory: ({size: (graph, its output)}, pool)."""
+) -> tuple[dict[K, tuple[torch.cuda.CUDAGraph, torch.Tensor]], tuple]:
+    """forward(size) captured for every size (a bucket, or a key that sorts by it) into one
+    memory pool (a new one unless given), largest first so that later graphs reuse its memory:
+    ({size: (graph, its output)}, pool)."""
     graphs = {}
     for size in sorted(sizes, reverse=True):
         forward(size)  # warm-up: compiles the Triton kernels for this shape
@@ -79,11 +87,14 @@ class DecodeGraphRunner:
             torch.zeros(n * max_blocks_per_seq, dtype=torch.long).pin_memory() for _ in range(2)
         ]
         self._turn = 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.attention = attention_layers(model)[0]  # the layers share one shape
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._split_contexts: dict[tuple[int, int], int | None] = {}  # set by capture
         self.pool = None  # the graphs' memory pool, once captured (prefill graphs share it)
         self.capture_seconds = 0.0
 
-    def _forward(self, batch: int) -> torch.Tensor:
+    def _forward(self, key: tuple[int, int]) -> torch.Tensor:
+        batch, splits = key
         input_ids, positions, slots, context_lens = self.inputs[:, :batch]
         decode = AttentionBatch(
             token_start=0,
@@ -92,6 +103,7 @@ class DecodeGraphRunner:
             query_positions=positions.view(-1, 1),
             block_tables=self.block_tables[:batch],
             context_lens=context_lens,
+            max_context_len=self._split_contexts[key],
         )
         with set_forward_context(AttentionMetadata(slots, [decode])):
             return self.model(input_ids, positions)
@@ -112,7 +124,19 @@ class DecodeGraphRunner:
         start = time.perf_counter()
         self.inputs[2].fill_(-1)  # capture-time rows write nothing to the cache
         self.inputs[3].zero_()
-        self.graphs, self.pool = capture_buckets(self._forward, self.sizes, self.device)
+        from engine.kernels.paged_attention import MAX_SPLITS, decode_tile
+
+        # Longest contexts of 1, 2, 4 .. MAX_SPLITS tiles, and any: every split count a step
+        # can ask for. (bucket, split count) -> a longest context that gives it.
+        tile = decode_tile(self.attention.kv_cache.shape[2])
+        contexts = [tile << i for i in range(MAX_SPLITS.bit_length())] + [None]
+        self._split_contexts = {
+            (size, self.attention.decode_splits(size, context)): context
+            for size in self.sizes
+            for context in contexts
+        }
+        keys = list(self._split_contexts)
+        self.graphs, self.pool = capture_buckets(self._forward, keys, self.device)
         self.capture_seconds = time.perf_counter() - start
         logger.info(
             "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
@@ -162,6 +186,13 @@ class DecodeGraphRunner:
             self.inputs[0, :batch].copy_(device_input_ids)
         tables.copy_(torch.tensor(block_tables))
         self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
-        graph, out = self.graphs[size]
+        graph, out = self.graph_for(size, max(context_lens))
         graph.replay()
         return out[:batch]
+
+    def graph_for(
+        self, size: int, max_context_len: int
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph (and its output) of bucket `size` for a step whose longest context is
+        max_context_len tokens."""
+        return self.graphs[(size, self.attention.decode_splits(size, max_context_len))]

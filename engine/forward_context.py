@@ -24,6 +24,9 @@ class AttentionBatch:
     # [num_seqs * max_query_len] each padded place's token row (-1: padding), for the prefill
     # kernel: built by the first layer that needs it, then shared by the step's other layers.
     query_rows: torch.Tensor | None = None
+    # The longest of context_lens, where the host knows it: the decode kernel splits no context
+    # into more parts than it has tiles (CUDA graphs are captured per split count).
+    max_context_len: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -198,6 +198,7 @@ class ModelRunner:
                 self._tensor(b.query_positions),
                 self._tensor(b.block_tables),
                 self._tensor(b.context_lens),
+                max_context_len=max(b.context_lens),
             )  # fmt: skip
             for b in plan.batches
         ]

@@ -81,26 +81,30 @@ class Attention(nn.Module):
         b = metadata.batches[0]
         if b.max_query_len != 1 or b.num_seqs != q.shape[0]:
             return None
-        from engine.kernels.paged_attention import (
-            NewTokens,
-            default_num_splits,
-            paged_decode_attention,
-        )
+        from engine.kernels.paged_attention import NewTokens, paged_decode_attention
 
         # Only where the context is split (few sequences): there the two kernels it saves are
         # most of the cost; with many sequences each program's longer prologue costs more
         # (measured on an H200: +3.9% tokens/s at batch 1, -2.8% at batch 64).
-        splits = default_num_splits(b.num_seqs, self.num_kv_heads, q.device)
+        splits = self.decode_splits(b.num_seqs, b.max_context_len)
         if splits == 1:
             return None
-
-        assert self.kv_cache is not None, "KV cache not bound"
         new = NewTokens(positions, rotary.cos, rotary.sin, k, v, metadata.slot_mapping)
         out = paged_decode_attention(
             q.view(-1, self.num_heads, self.head_dim), self.kv_cache[0], self.kv_cache[1],
             b.block_tables, b.context_lens, self.scale, self.sliding_window, splits, rotary=new,
         )  # fmt: skip
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def decode_splits(self, num_seqs: int, max_context_len: int | None) -> int:
+        """Programs per (sequence, KV head) of the fused decode kernel (1: not fused) for a
+        decode step of num_seqs sequences, the longest max_context_len tokens (None: any)."""
+        from engine.kernels.paged_attention import default_num_splits
+
+        assert self.kv_cache is not None, "KV cache not bound"
+        block_size = self.kv_cache.shape[2]
+        device = self.kv_cache.device
+        return default_num_splits(num_seqs, self.num_kv_heads, device, max_context_len, block_size)
 
     def _forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_kernels: bool

@@ -87,6 +87,29 @@ def test_graph_replay_equals_eager_kernels(checkpoints):
             }
 
 
+def test_one_sequence_graphs_follow_the_split_count_of_its_context(checkpoints):
+    """One sequence decoding from 20 to 300 tokens of context: the attention kernel splits the
+    context in 2, then 4, then 8 (the test model's 2 KV heads leave the GPU room for 8), each
+    step replaying the graph captured for its count; eager steps choose the same counts, so
+    tokens and logprobs are bit-identical."""
+    path = str(checkpoints("llama"))
+    prompt = [{"prompt_token_ids": list(range(3, 23))}]
+    params = SamplingParams(temperature=0, max_tokens=280, ignore_eos=True, logprobs=3)
+    outs = {}
+    for eager in (False, True):
+        llm = in_flight_bf16(path, enforce_eager=eager)
+        if not eager:
+            assert {(1, 2), (1, 4), (1, 8)} <= set(llm.llm_engine.runner.graphs.graphs)
+        outs[eager] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.runner.num_blocks
+        del llm
+    assert outs[False].token_ids == outs[True].token_ids
+    for a, b in zip(outs[False].logprobs, outs[True].logprobs, strict=True):
+        assert {t: round(v.logprob, 4) for t, v in a.items()} == {
+            t: round(v.logprob, 4) for t, v in b.items()
+        }
+
+
 def test_one_sequence_prefill_replays_its_graph(checkpoints):
     """Prompts generated one at a time prefill through the prefill graphs (padded to a token
     bucket): the greedy tokens of eager steps, first-token logprobs within bf16 rounding (the

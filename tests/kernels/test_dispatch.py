@@ -92,3 +92,25 @@ def test_register_mma_tiles(monkeypatch):
     assert not mm.fits(mm.KernelConfig("mma", 128, 16, 0, 2, 1), 100, 4096, cuda)
     monkeypatch.setattr(mm, "capability", lambda device: (8, 0))  # no mul.bf16x2 before sm_90
     assert not mm.fits(config, 1, 4096, cuda)
+
+
+def test_decode_splits_stop_at_the_longest_contexts_tile_count():
+    """The paged-attention decode kernel splits each context over more programs where the batch
+    is small, but never into more parts than the longest context has tiles (rounded up to a
+    power of two, at least 2): capping loses no program that had a tile to work on."""
+    from engine.kernels.paged_attention import MAX_SPLITS, split_count
+
+    sms = 132
+    assert split_count(32, sms) == 8  # batch 1 of a 32-KV-head model
+    assert [split_count(32, sms, tiles) for tiles in (0, 1, 2, 3, 4, 5, 8, 9, 100)] == [
+        2, 2, 2, 4, 4, 8, 8, 8, 8,
+    ]  # fmt: skip
+    assert split_count(128, sms, 100) == 4
+    assert split_count(132, sms, 1) == split_count(512, sms) == 1  # the batch fills the GPU
+    for programs in (1, 2, 8, 32, 64, 100, 131):
+        uncapped = split_count(programs, sms)
+        assert uncapped in (2, 4, 8) and uncapped <= MAX_SPLITS
+        for tiles in range(40):
+            splits = split_count(programs, sms, tiles)
+            assert splits in (2, 4, 8) and splits <= uncapped
+            assert min(splits, tiles) == min(uncapped, tiles)
