@@ -19,8 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 from engine import LLM, SamplingParams
 
 
-def generate(llm: LLM, batch: int, output_len: int) -> float:
-    prompts = [{"prompt_token_ids": [5 + i % 200] * 128} for i in range(batch)]
+def generate(llm: LLM, batch: int, output_len: int, prompt_len: int = 128) -> float:
+    """Seconds to generate output_len tokens for each of `batch` prompts of prompt_len."""
+    prompts = [{"prompt_token_ids": [5 + i % 200] * prompt_len} for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -30,7 +31,7 @@ def generate(llm: LLM, batch: int, output_len: int) -> float:
 
 
 def replay_ms(llm: LLM, batch: int, reps: int = 50) -> float:
-    """The graph replay of the last decode step of `generate` (context 128 + output_len)."""
+    """The graph of the last decode step `generate` ran, replayed alone."""
     runner = llm.llm_engine.runner.graphs
     graph, _ = runner.graph_for(batch, int(runner.inputs[3, :batch].max()))
     graph.replay()

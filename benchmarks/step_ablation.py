@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from profile_decode import generate, replay_ms
 
 import engine.kernels.fused_ops as fused_ops
 import engine.kernels.matmul_4bit as matmul_4bit
 import engine.kernels.paged_attention as paged_attention
-from engine import LLM, SamplingParams
+from engine import LLM
 
 ORIGINAL = {
     (fused_ops, "rms_norm"): fused_ops.rms_norm,
@@ -68,32 +68,6 @@ def patch(variant: dict[tuple, Callable]) -> None:
         setattr(module, name, variant.get((module, name), original))
 
 
-def generate(llm: LLM, batch: int, prompt_len: int, tokens: int) -> float:
-    prompts = [
-        {"prompt_token_ids": [5 + (i * 7 + j) % 200 for j in range(prompt_len)]}
-        for i in range(batch)
-    ]
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def replay_ms(llm: LLM, batch: int, reps: int = 200) -> float:
-    """The graph of the last decode step `generate` ran, replayed alone."""
-    runner = llm.llm_engine.runner.graphs
-    graph, _ = runner.graph_for(batch, int(runner.inputs[3, :batch].max()))
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -113,13 +87,13 @@ def main() -> None:
             model=args.model, quantization="bitsandbytes", dtype="bfloat16",
             max_num_seqs=batch, kv_cache_memory_bytes=4 << 30,
         )  # fmt: skip
-        generate(engines[name], batch, args.prompt_len, 3)
+        generate(engines[name], batch, 3, args.prompt_len)
     results = {name: {"step_ms": [], "replay_ms": []} for name in engines}
     for _ in range(args.rounds):
         for name, llm in engines.items():
             patch(VARIANTS[name])  # eager steps (prefill) too
-            whole = generate(llm, batch, args.prompt_len, args.output_len + 1)
-            prefill = generate(llm, batch, args.prompt_len, 1)
+            whole = generate(llm, batch, args.output_len + 1, args.prompt_len)
+            prefill = generate(llm, batch, 1, args.prompt_len)
             results[name]["step_ms"].append(round((whole - prefill) / args.output_len * 1e3, 4))
             results[name]["replay_ms"].append(round(replay_ms(llm, batch), 4))
             print(name, results[name]["step_ms"][-1], results[name]["replay_ms"][-1], flush=True)
