@@ -60,6 +60,20 @@ def capture_buckets(
     return graphs, pool
 
 
+def split_contexts(
+    sizes: list[int],
+    tile: int,
+    max_splits: int,
+    decode_splits: Callable[[int, int | None], int],
+) -> dict[tuple[int, int], int | None]:
+    """The decode graphs to capture: (bucket, split count) -> a longest context (tokens; None:
+    any) that asks for that count. Longest contexts of 1, 2, 4 .. max_splits tiles and any
+    longer one give every count a step can ask for: decode_splits(bucket, context) caps the
+    bucket's count at the context's tile count rounded up to a power of two."""
+    contexts = [tile << i for i in range(max_splits.bit_length())] + [None]
+    return {(size, decode_splits(size, context)): context for size in sizes for context in contexts}
+
+
 class DecodeGraphRunner:
     def __init__(
         self,
@@ -126,15 +140,10 @@ class DecodeGraphRunner:
         self.inputs[3].zero_()
         from engine.kernels.paged_attention import MAX_SPLITS, decode_tile
 
-        # Longest contexts of 1, 2, 4 .. MAX_SPLITS tiles, and any: every split count a step
-        # can ask for. (bucket, split count) -> a longest context that gives it.
         tile = decode_tile(self.attention.kv_cache.shape[2])
-        contexts = [tile << i for i in range(MAX_SPLITS.bit_length())] + [None]
-        self._split_contexts = {
-            (size, self.attention.decode_splits(size, context)): context
-            for size in self.sizes
-            for context in contexts
-        }
+        self._split_contexts = split_contexts(
+            self.sizes, tile, MAX_SPLITS, self.attention.decode_splits
+        )
         keys = list(self._split_contexts)
         self.graphs, self.pool = capture_buckets(self._forward, keys, self.device)
         self.capture_seconds = time.perf_counter() - start

@@ -114,3 +114,28 @@ def test_decode_splits_stop_at_the_longest_contexts_tile_count():
             splits = split_count(programs, sms, tiles)
             assert splits in (2, 4, 8) and splits <= uncapped
             assert min(splits, tiles) == min(uncapped, tiles)
+
+
+def test_every_decode_step_finds_a_captured_graph():
+    """A decode step replays the graph of its bucket and split count; the counts its longest
+    context can ask for must all have been captured, or the step would fail. For an H200's 132
+    SMs, 32- and 8-KV-head models, every bucket and every context length up to 4096 tokens."""
+    import triton
+
+    from engine.cuda_graphs import capture_sizes, split_contexts
+    from engine.kernels.paged_attention import MAX_SPLITS, decode_tile, split_count
+
+    tile = decode_tile(16)
+    for kv_heads in (32, 8):
+
+        def decode_splits(size, context, kv_heads=kv_heads):
+            tiles = None if context is None else triton.cdiv(context, tile)
+            return split_count(size * kv_heads, 132, tiles)
+
+        sizes = capture_sizes(256)
+        keys = split_contexts(sizes, tile, MAX_SPLITS, decode_splits)
+        for size in sizes:
+            for context in range(1, 4097):
+                assert (size, decode_splits(size, context)) in keys
+        assert {s for b, s in keys if b == 1} == {2, 4, 8}
+        assert {s for b, s in keys if b == 256} == {1}
