@@ -7,9 +7,10 @@ such a bucket has a graph per split count.
 The graph reads its inputs from static buffers that each step refills: token ids, positions,
 cache slots, block tables and context lengths. Padding rows get slot -1 (the cache write skips
 them) and context length 0 (attention returns zeros), so they touch nothing. Graphs are used
-only with the Triton kernels on: the paged-attention kernel makes the launch independent of
-context lengths (the 4-bit matmul inside may be bitsandbytes' own). With tensor parallelism the
-graph holds the rank's all-reduces too (NCCL collectives replay inside graphs)."""
+only with the Triton kernels on: the paged-attention kernel's launch depends on context
+lengths only through that split count (the 4-bit matmul inside may be bitsandbytes' own).
+With tensor parallelism the graph holds the rank's all-reduces too (NCCL collectives replay
+inside graphs)."""
 
 from __future__ import annotations
 
