@@ -84,13 +84,16 @@ def _paged_decode(
         heads = kv_head * QUERY_GROUP + offs_g
         q_rows = q_ptr + seq * stride_q_tok + heads[:, None] * stride_q_head
         if ROTARY:
-            if PDL:
-                gdc_wait()
+            # The rotary tables and the step's positions and slots are no kernel's output
+            # either: requested before the wait too.
             half: tl.constexpr = HEAD_DIM // 2
             offs_h = tl.arange(0, half)
             pos = tl.load(positions_ptr + seq)
             cos = tl.load(cos_ptr + pos * stride_cos + offs_h)
             sin = tl.load(sin_ptr + pos * stride_cos + offs_h)
+            slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
+            if PDL:
+                gdc_wait()
             q1, q2 = _rotate_half(
                 q_rows + offs_h[None, :], half, cos[None, :], sin[None, :], g_ok[:, None]
             )
@@ -103,7 +106,6 @@ def _paged_decode(
             k2 = k2.to(cache_dtype)
             v_new = v_new.to(cache_dtype)
             # The program whose tiles hold the new token writes it (none for a padding row).
-            slot = tl.load(slot_mapping_ptr + seq).to(tl.int64)
             owner = (ctx - 1) // TILE - first_tile
             if (per_split > 0) & (owner // tl.maximum(per_split, 1) == split) & (slot >= 0):
                 target = slot * stride_c_tok + kv_head * stride_c_head
