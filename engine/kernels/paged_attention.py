@@ -297,10 +297,12 @@ def default_num_splits(
     num_kv_heads: int,
     device: torch.device,
     max_context_len: int | None = None,
-    block_size: int = 16,
+    block_size: int | None = None,
 ) -> int:
     """`split_count` for this device; max_context_len: the batch's longest context (host-side,
     where known), in a cache of block_size-token blocks."""
+    if max_context_len is not None and block_size is None:
+        raise ValueError("max_context_len needs the cache's block_size (it sets the tile)")
     if device.type != "cuda":  # Triton's CPU interpreter (tests)
         return 1
     tiles = None

@@ -136,7 +136,7 @@ class Attention(nn.Module):
             elif b.max_query_len == 1:
                 out = paged_decode_attention(
                     rows, key_cache, value_cache, b.block_tables, b.context_lens, self.scale,
-                    self.sliding_window,
+                    self.sliding_window, self.decode_splits(b.num_seqs, b.max_context_len),
                 )  # fmt: skip
             else:
                 if b.query_rows is None:  # once per step, not once per layer

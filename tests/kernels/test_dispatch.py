@@ -116,26 +116,36 @@ def test_decode_splits_stop_at_the_longest_contexts_tile_count():
             assert min(splits, tiles) == min(uncapped, tiles)
 
 
-def test_every_decode_step_finds_a_captured_graph():
+def test_decode_splits_need_the_block_size_with_a_context_length():
+    """The tile a context is counted in follows the cache's block size: a context length
+    without it is refused, not counted in some default block."""
+    from engine.kernels.paged_attention import default_num_splits
+
+    with pytest.raises(ValueError, match="block_size"):
+        default_num_splits(1, 32, torch.device("cuda"), 300)
+
+
+def test_every_decode_step_finds_a_captured_graph(monkeypatch):
     """A decode step replays the graph of its bucket and split count; the counts its longest
     context can ask for must all have been captured, or the step would fail. For an H200's 132
-    SMs, 32- and 8-KV-head models, every bucket and every context length up to 4096 tokens."""
-    import triton
-
+    SMs, 32- and 8-KV-head models, 16- and 128-token blocks, every bucket and every context
+    length up to 4096 tokens, through the engine's own split rule (`default_num_splits`)."""
     from engine.cuda_graphs import capture_sizes, split_contexts
-    from engine.kernels.paged_attention import MAX_SPLITS, decode_tile, split_count
+    from engine.kernels import paged_attention
+    from engine.kernels.paged_attention import MAX_SPLITS, decode_tile, default_num_splits
 
-    tile = decode_tile(16)
+    monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")  # never touched: the SM count is the only device query
+    sizes = capture_sizes(256)
     for kv_heads in (32, 8):
+        for block_size in (16, 128):
 
-        def decode_splits(size, context, kv_heads=kv_heads):
-            tiles = None if context is None else triton.cdiv(context, tile)
-            return split_count(size * kv_heads, 132, tiles)
+            def decode_splits(size, context, kv_heads=kv_heads, block_size=block_size):
+                return default_num_splits(size, kv_heads, cuda, context, block_size)
 
-        sizes = capture_sizes(256)
-        keys = split_contexts(sizes, tile, MAX_SPLITS, decode_splits)
-        for size in sizes:
-            for context in range(1, 4097):
-                assert (size, decode_splits(size, context)) in keys
-        assert {s for b, s in keys if b == 1} == {2, 4, 8}
-        assert {s for b, s in keys if b == 256} == {1}
+            keys = split_contexts(sizes, decode_tile(block_size), MAX_SPLITS, decode_splits)
+            for size in sizes:
+                for context in range(1, 4097):
+                    assert (size, decode_splits(size, context)) in keys
+            assert {s for b, s in keys if b == 1} == {2, 4, 8}
+            assert {s for b, s in keys if b == 256} == {1}
