@@ -24,10 +24,19 @@ def serve_instance():
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # metrics reach the export port in ~1 s
     os.chdir(ROOT)  # configs name the demo model relative to the repository root
     metrics_port = free_port()
-    ray.init(
-        num_cpus=8, include_dashboard=False, logging_level="ERROR",
-        _metrics_export_port=metrics_port,
-    )  # fmt: skip
+    # Ray gives a new node's raylet a fixed 30 s to register; a loaded 2-core CI machine has
+    # missed that once, right after another Ray session. One more attempt, then fail.
+    for attempt in range(2):
+        try:
+            ray.init(
+                num_cpus=8, include_dashboard=False, logging_level="ERROR",
+                _metrics_export_port=metrics_port,
+            )  # fmt: skip
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if attempt or "timed out during startup" not in str(exc):
+                raise
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", metrics_port=metrics_port)
