@@ -109,7 +109,9 @@ class DecodeGraphRunner:
         self.capture_seconds = 0.0
 
     def _forward(self, key: tuple[int, int]) -> torch.Tensor:
-        batch, splits = key
+        """The forward pass of graph `key` (bucket, split count): its batch, and a longest
+        context that makes the attention choose that count."""
+        batch, _ = key
         input_ids, positions, slots, context_lens = self.inputs[:, :batch]
         decode = AttentionBatch(
             token_start=0,

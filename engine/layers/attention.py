@@ -97,8 +97,9 @@ class Attention(nn.Module):
         return out.reshape(-1, self.num_heads * self.head_dim)
 
     def decode_splits(self, num_seqs: int, max_context_len: int | None) -> int:
-        """Programs per (sequence, KV head) of the fused decode kernel (1: not fused) for a
-        decode step of num_seqs sequences, the longest max_context_len tokens (None: any)."""
+        """Programs per (sequence, KV head) of the decode kernel for a decode step of num_seqs
+        sequences, the longest max_context_len tokens (None: any). Above 1 the kernel also
+        rotates and writes the new tokens (`_fused_decode`); at 1 separate kernels do."""
         from engine.kernels.paged_attention import default_num_splits
 
         assert self.kv_cache is not None, "KV cache not bound"
