@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     batch = args.batch_size
@@ -85,7 +86,7 @@ def main() -> None:
         patch(VARIANTS[name])  # the graphs capture the patched pieces
         engines[name] = LLM(
             model=args.model, quantization="bitsandbytes", dtype="bfloat16",
-            max_num_seqs=batch, kv_cache_memory_bytes=4 << 30,
+            max_num_seqs=batch, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
         )  # fmt: skip
         generate(engines[name], batch, 3, args.prompt_len)
     results = {name: {"step_ms": [], "replay_ms": []} for name in engines}
@@ -107,7 +108,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     if args.out:
         meta = {"model": args.model, "batch_size": batch, "prompt_len": args.prompt_len,
-                "output_len": args.output_len}  # fmt: skip
+                "output_len": args.output_len, "kv_cache_gib": args.kv_cache_gib}  # fmt: skip
         args.out.write_text(json.dumps({**meta, "variants": results}, indent=1) + "\n")
 
 

@@ -63,15 +63,13 @@ def capture_buckets(
 
 def split_contexts(
     sizes: list[int],
-    tile: int,
-    max_splits: int,
+    contexts: list[int | None],
     decode_splits: Callable[[int, int | None], int],
 ) -> dict[tuple[int, int], int | None]:
     """The decode graphs to capture: (bucket, split count) -> a longest context (tokens; None:
-    any) that asks for that count. Longest contexts of 1, 2, 4 .. max_splits tiles and any
-    longer one give every count a step can ask for: decode_splits(bucket, context) caps the
-    bucket's count at the context's tile count rounded up to a power of two."""
-    contexts = [tile << i for i in range(max_splits.bit_length())] + [None]
+    any) that asks for that count, from `contexts` that between them reach every count
+    (`paged_attention.split_deciding_contexts`); decode_splits(bucket, context) is the step's
+    own rule."""
     return {(size, decode_splits(size, context)): context for size in sizes for context in contexts}
 
 
@@ -141,12 +139,10 @@ class DecodeGraphRunner:
         start = time.perf_counter()
         self.inputs[2].fill_(-1)  # capture-time rows write nothing to the cache
         self.inputs[3].zero_()
-        from engine.kernels.paged_attention import MAX_SPLITS, decode_tile
+        from engine.kernels.paged_attention import split_deciding_contexts
 
-        tile = decode_tile(self.attention.kv_cache.shape[2])
-        self._split_contexts = split_contexts(
-            self.sizes, tile, MAX_SPLITS, self.attention.decode_splits
-        )
+        contexts = split_deciding_contexts(self.attention.kv_cache.shape[2])
+        self._split_contexts = split_contexts(self.sizes, contexts, self.attention.decode_splits)
         keys = list(self._split_contexts)
         self.graphs, self.pool = capture_buckets(self._forward, keys, self.device)
         self.capture_seconds = time.perf_counter() - start

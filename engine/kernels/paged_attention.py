@@ -277,6 +277,14 @@ def decode_tile(block_size: int) -> int:
     return max(64, block_size)
 
 
+def split_deciding_contexts(block_size: int) -> list[int | None]:
+    """Longest contexts (tokens; None: any longer) that between them ask for every split count
+    `split_count` can give: 1, 2, 4 .. MAX_SPLITS tiles, and past that no cap. CUDA graphs
+    capture one graph per count (engine/cuda_graphs.py)."""
+    tile = decode_tile(block_size)
+    return [tile << i for i in range(MAX_SPLITS.bit_length())] + [None]
+
+
 def split_count(programs: int, sms: int, context_tiles: int | None = None) -> int:
     """Splits of each context for a launch of `programs` (sequence, KV head) pairs on `sms` SMs:
     enough programs for two per SM, one split once the batch alone fills the GPU. Where the

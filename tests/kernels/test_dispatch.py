@@ -132,7 +132,7 @@ def test_every_decode_step_finds_a_captured_graph(monkeypatch):
     length up to 4096 tokens, through the engine's own split rule (`default_num_splits`)."""
     from engine.cuda_graphs import capture_sizes, split_contexts
     from engine.kernels import paged_attention
-    from engine.kernels.paged_attention import MAX_SPLITS, decode_tile, default_num_splits
+    from engine.kernels.paged_attention import default_num_splits, split_deciding_contexts
 
     monkeypatch.setattr(paged_attention, "sm_count", lambda device: 132)
     cuda = torch.device("cuda")  # never touched: the SM count is the only device query
@@ -143,7 +143,7 @@ def test_every_decode_step_finds_a_captured_graph(monkeypatch):
             def decode_splits(size, context, kv_heads=kv_heads, block_size=block_size):
                 return default_num_splits(size, kv_heads, cuda, context, block_size)
 
-            keys = split_contexts(sizes, decode_tile(block_size), MAX_SPLITS, decode_splits)
+            keys = split_contexts(sizes, split_deciding_contexts(block_size), decode_splits)
             for size in sizes:
                 for context in range(1, 4097):
                     assert (size, decode_splits(size, context)) in keys
