@@ -275,7 +275,8 @@ def main() -> None:
         kept = {key: cfg for key, cfg in kept.items() if key.split(":")[0] not in retuned}
         table_out = {**kept, **table_out}
     path.write_text(json.dumps({
-        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+        "gpu": gpu, "capability": list(torch.cuda.get_device_capability(device)),
+        "torch": torch.__version__, "triton": triton.__version__,
         "command": "python benchmarks/tune_matmul_4bit.py", "configs": table_out,
     }, indent=1) + "\n")  # fmt: skip
     (args.out_dir / "measurements.json").write_text(json.dumps(measurements))

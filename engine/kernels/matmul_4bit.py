@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from engine.kernels.gpu_info import capability, sm_count
 from engine.kernels.pdl import pdl_enabled, pdl_launch, pdl_start
 
 GROUP_SIZE = 64  # K and the blocksize must be multiples of this: a thread's 32 values share a scale
+logger = logging.getLogger(__name__)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -138,11 +141,25 @@ def default_config(m: int) -> KernelConfig:
 
 
 @functools.cache
-def _tuned_table(device_name: str) -> dict[str, KernelConfig]:
-    """Measured choices for this GPU: "{bucket}" or "{bucket}:{N}x{K}" -> KernelConfig."""
+def _tuned_table(device_name: str, device_capability: tuple[int, int]) -> dict[str, KernelConfig]:
+    """Measured choices for this GPU: "{bucket}" or "{bucket}:{N}x{K}" -> KernelConfig. A GPU
+    with no table of its own borrows one measured on a GPU of the same architecture (the file's
+    "capability"; an H100 the H200's: the same SMs and shared memory, less bandwidth), whose
+    launches all run there and beat bitsandbytes' by far more than re-tuning would add."""
     path = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
     if not path.exists():
-        return {}
+        tables = {p: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+        same_arch = [
+            p for p, table in tables.items()
+            if isinstance(table, dict) and tuple(table.get("capability", ())) == device_capability
+        ]  # fmt: skip
+        if not same_arch:
+            return {}
+        path = same_arch[0]
+        logger.warning(
+            "no 4-bit matmul launch table measured on %s; using %s's (benchmarks/"
+            "tune_matmul_4bit.py measures one)", device_name, path.stem.replace("_", " "),
+        )  # fmt: skip
     entries = json.loads(path.read_text())["configs"]
     return {key: KernelConfig(**value) for key, value in entries.items()}
 
@@ -153,7 +170,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _measured(m: int, n: int, k: int, device: torch.device) -> KernelConfig | None:
-    table = _tuned_table(_device_name(device))
+    table = _tuned_table(_device_name(device), capability(device))
     bucket = m_bucket(m)
     return table.get(f"{bucket}:{n}x{k}") or table.get(str(bucket))
 

@@ -36,6 +36,29 @@ def test_dispatch_never_picks_a_launch_that_cannot_run(monkeypatch):
         mm.kernel_for.cache_clear()
 
 
+def test_a_gpu_without_its_own_table_borrows_one_of_its_architecture(monkeypatch, caplog):
+    """An H100 has no measured table: it runs the H200's launches (same SMs and shared memory),
+    not bitsandbytes' matmul everywhere; a GPU of another architecture borrows nothing."""
+    import json
+
+    from engine.kernels import matmul_4bit as mm
+
+    h200 = json.loads((mm.CONFIG_DIR / "NVIDIA_H200.json").read_text())
+    cuda = torch.device("cuda")
+    for name, arch, expected in [
+        ("NVIDIA H100 80GB HBM3", (9, 0), mm.KernelConfig(**h200["configs"]["64:4096x4096"])),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), None),
+    ]:
+        monkeypatch.setattr(mm, "_device_name", lambda device, name=name: name)
+        monkeypatch.setattr(mm, "capability", lambda device, arch=arch: arch)
+        mm.kernel_for.cache_clear()
+        with caplog.at_level("WARNING", logger=mm.__name__):
+            assert mm.kernel_for(64, 4096, 4096, cuda) == expected
+        assert ("NVIDIA H200's" in caplog.text) == (expected is not None)
+        caplog.clear()
+    mm.kernel_for.cache_clear()
+
+
 def test_layers_the_kernels_cannot_index_are_refused():
     """Scales are indexed per row, so K must hold whole absmax blocks; x must be 16-bit."""
     from engine.kernels import matmul_4bit as mm
