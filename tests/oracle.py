@@ -12,7 +12,14 @@ def load_reference(
     path: Path, quantization: BitsAndBytesConfig | None = None, dtype=torch.float32
 ) -> torch.nn.Module:
     kwargs = {"quantization_config": quantization} if quantization else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    # On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weights at the first
+    # forward and from then on multiplies in bf16 whatever the compute dtype; the reference
+    # stays on bitsandbytes' portable path (dequantize, then a float32 matmul) on every CPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @torch.no_grad()
