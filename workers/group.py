@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # Kept in the workers' environment: NCCL and PyTorch settings of the host (e.g. NVLink
 # multicast off) must reach the processes that run collectives.
+# How long a failed step waits for a dead follower's loop to resolve, so that the error names
+# the rank that died (the group is going down either way).
+FOLLOWER_DEATH_WAIT_S = 2.0
 _PASSED_ENV_PREFIXES = ("NCCL_", "TORCH_", "NVSHMEM_", "CUDA_", "HF_")
 
 
@@ -151,6 +154,9 @@ class WorkerGroup:
     def _checked(self, batch: OutputBatch) -> OutputBatch:
         """The batch, unless rank 0's loop failed or a worker died while it was gathered."""
         if batch.error:
+            # A rank that dies mid-step breaks rank 0's collective first ("connection reset"):
+            # name the dead rank, whose loop resolves moments later, rather than the symptom.
+            self._fail_if_down(self._loops[1:], FOLLOWER_DEATH_WAIT_S)
             self._fail(f"a step failed on rank 0:\n{batch.error}")
         self.check_health()
         return batch
@@ -158,7 +164,13 @@ class WorkerGroup:
     def check_health(self) -> None:
         if not self.healthy:
             raise WorkerGroupError("the worker group is down")
-        done, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        self._fail_if_down(self._loops, 0)
+
+    def _fail_if_down(self, loops: list[ray.ObjectRef], timeout_s: float) -> None:
+        """Fail the group, naming the rank, if one of these loops ended within timeout_s."""
+        if not loops:
+            return
+        done, _ = ray.wait(loops, num_returns=1, timeout=timeout_s)
         if done:
             rank = self._loops.index(done[0])
             try:
