@@ -5,7 +5,11 @@ marginal cost in the step, which a kernel profile cannot give with programmatic 
 launches (kernels overlap their neighbours).
 
     python benchmarks/step_ablation.py --model /tmp/llama2-7b --batch-size 1 \
+        --variants base no_norm no_attention no_4bit_matmul attention_splits_8 \
         --out benchmarks/results/decode_step_ablation_h200_b1.json
+    python benchmarks/step_ablation.py --model /tmp/llama2-7b --batch-size 64 --kv-cache-gib 10 \
+        --variants base no_norm no_attention no_4bit_matmul \
+        --out benchmarks/results/decode_step_ablation_h200_b64.json
 """
 
 from __future__ import annotations
