@@ -30,6 +30,7 @@ from engine.kernels.matmul_4bit import (
     KernelConfig,
     config_to_json,
     fits,
+    launch_table_path,
     matmul_4bit,
 )
 
@@ -268,14 +269,17 @@ def main() -> None:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / (gpu.replace(" ", "_") + ".json")
-    if path.exists() and set(args.buckets) != set(M_BUCKETS):
-        # Re-tuning some buckets keeps the others' entries.
-        kept = json.loads(path.read_text())["configs"]
+    capability = torch.cuda.get_device_capability(device)
+    # Re-tuning some buckets keeps the others' entries: this GPU's, or those it borrowed from a
+    # GPU of its architecture until now (which the new file replaces).
+    previous = path if path.exists() else launch_table_path(gpu, capability)
+    if previous is not None and set(args.buckets) != set(M_BUCKETS):
+        kept = json.loads(previous.read_text())["configs"]
         retuned = {str(m) for m in args.buckets}
         kept = {key: cfg for key, cfg in kept.items() if key.split(":")[0] not in retuned}
         table_out = {**kept, **table_out}
     path.write_text(json.dumps({
-        "gpu": gpu, "capability": list(torch.cuda.get_device_capability(device)),
+        "gpu": gpu, "capability": list(capability),
         "torch": torch.__version__, "triton": triton.__version__,
         "command": "python benchmarks/tune_matmul_4bit.py", "configs": table_out,
     }, indent=1) + "\n")  # fmt: skip

@@ -3,6 +3,7 @@ and their health."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import os
@@ -22,11 +23,11 @@ from workers.worker import Worker
 
 logger = logging.getLogger(__name__)
 
-# Kept in the workers' environment: NCCL and PyTorch settings of the host (e.g. NVLink
-# multicast off) must reach the processes that run collectives.
 # How long a failed step waits for a dead follower's loop to resolve, so that the error names
 # the rank that died (the group is going down either way).
 FOLLOWER_DEATH_WAIT_S = 2.0
+# Kept in the workers' environment: NCCL and PyTorch settings of the host (e.g. NVLink
+# multicast off) must reach the processes that run collectives.
 _PASSED_ENV_PREFIXES = ("NCCL_", "TORCH_", "NVSHMEM_", "CUDA_", "HF_")
 
 
@@ -149,6 +150,8 @@ class WorkerGroup:
             batch = await self.workers[0].poll.remote(timeout_s)
         except RayActorError as e:
             self._fail(f"rank 0 stopped answering: {e}")
+        if batch.error:  # _checked then waits for a dead follower: not on the event loop
+            return await asyncio.to_thread(self._checked, batch)
         return self._checked(batch)
 
     def _checked(self, batch: OutputBatch) -> OutputBatch:

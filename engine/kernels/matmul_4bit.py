@@ -140,27 +140,43 @@ def default_config(m: int) -> KernelConfig:
     return KernelConfig("gemm", 128, 128, 64, 1, 8, 3)
 
 
+def launch_table_path(device_name: str, device_capability: tuple[int, int]) -> Path | None:
+    """This GPU's launch table; else the first (by file name) measured on a GPU of the same
+    compute capability, which records it (an H100 borrows the H200's: the same kernels and
+    shared memory, less bandwidth); else None. Other files in the folder are skipped."""
+    own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+    if own.exists():
+        return own
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        table = _read_table(path)
+        if table is not None and tuple(table.get("capability", ())) == device_capability:
+            return path
+    return None
+
+
+def _read_table(path: Path) -> dict | None:
+    """A launch table's contents, or None for any other file (the tuner's measurements.json,
+    a file cut short)."""
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return table if isinstance(table, dict) and isinstance(table.get("configs"), dict) else None
+
+
 @functools.cache
 def _tuned_table(device_name: str, device_capability: tuple[int, int]) -> dict[str, KernelConfig]:
-    """Measured choices for this GPU: "{bucket}" or "{bucket}:{N}x{K}" -> KernelConfig. A GPU
-    with no table of its own borrows one measured on a GPU of the same architecture (the file's
-    "capability"; an H100 the H200's: the same SMs and shared memory, less bandwidth), whose
-    launches all run there and beat bitsandbytes' by far more than re-tuning would add."""
-    path = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
-    if not path.exists():
-        tables = {p: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
-        same_arch = [
-            p for p, table in tables.items()
-            if isinstance(table, dict) and tuple(table.get("capability", ())) == device_capability
-        ]  # fmt: skip
-        if not same_arch:
-            return {}
-        path = same_arch[0]
+    """Measured choices for this GPU, or borrowed from one of its architecture
+    (`launch_table_path`): "{bucket}" or "{bucket}:{N}x{K}" -> KernelConfig."""
+    path = launch_table_path(device_name, device_capability)
+    if path is None:
+        return {}
+    if path.stem != device_name.replace(" ", "_"):
         logger.warning(
             "no 4-bit matmul launch table measured on %s; using %s's (benchmarks/"
             "tune_matmul_4bit.py measures one)", device_name, path.stem.replace("_", " "),
         )  # fmt: skip
-    entries = json.loads(path.read_text())["configs"]
+    entries = json.loads(path.read_text())["configs"]  # this GPU's own: a broken file raises
     return {key: KernelConfig(**value) for key, value in entries.items()}
 
 

@@ -139,11 +139,7 @@ def _bnb_for(llm):
 
 
 def test_repetition_penalty_matches_reference(llm, checkpoints):
-    from transformers import AutoModelForCausalLM
-
-    reference = AutoModelForCausalLM.from_pretrained(
-        checkpoints("llama"), quantization_config=_bnb_for(llm), dtype=torch.float32
-    )
+    reference = load_reference(checkpoints("llama"), _bnb_for(llm))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5)
     for prompt in PROMPTS[:4]:
         out = llm.generate([prompt], params, use_tqdm=False)[0]

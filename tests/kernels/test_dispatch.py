@@ -59,6 +59,21 @@ def test_a_gpu_without_its_own_table_borrows_one_of_its_architecture(monkeypatch
     mm.kernel_for.cache_clear()
 
 
+def test_borrowing_skips_files_that_are_not_launch_tables(monkeypatch, tmp_path):
+    """The configs folder may also hold the tuner's measurements (a list) or a file cut short:
+    the search for a same-architecture table passes over them."""
+    from engine.kernels import matmul_4bit as mm
+
+    (tmp_path / "A_measurements.json").write_text("[]")
+    (tmp_path / "B_cut_short.json").write_text('{"capability": [9, 0], "configs": {')
+    (tmp_path / "C_no_configs.json").write_text('{"capability": [9, 0]}')
+    (tmp_path / "NVIDIA_H200.json").write_text((mm.CONFIG_DIR / "NVIDIA_H200.json").read_text())
+    monkeypatch.setattr(mm, "CONFIG_DIR", tmp_path)
+    assert mm.launch_table_path("NVIDIA H100 80GB HBM3", (9, 0)) == tmp_path / "NVIDIA_H200.json"
+    assert mm.launch_table_path("NVIDIA H200", (9, 0)) == tmp_path / "NVIDIA_H200.json"
+    assert mm.launch_table_path("NVIDIA A100-SXM4-80GB", (8, 0)) is None
+
+
 def test_layers_the_kernels_cannot_index_are_refused():
     """Scales are indexed per row, so K must hold whole absmax blocks; x must be 16-bit."""
     from engine.kernels import matmul_4bit as mm

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -121,6 +122,30 @@ def test_killed_worker_ends_requests_with_an_error_and_group_rebuilds(checkpoint
         assert all(len(o.outputs[0].token_ids) == 4 for o in out)
     finally:
         rebuilt.shutdown()
+
+
+def test_killed_worker_ends_the_async_poll_with_an_error_naming_it(checkpoints):
+    """The Serve model server polls through poll_async (its 503 carries this error)."""
+    llm = LLM(model=str(checkpoints("llama")), quantization="bitsandbytes", tensor_parallel_size=2)
+    engine = llm.llm_engine
+    engine.add_request(
+        "long", PROMPTS[2], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
+    while not engine.step():  # first outputs: the request is running
+        pass
+    ray.kill(engine.group.workers[1], no_restart=True)
+
+    async def poll_until_down() -> None:
+        while True:
+            await engine.group.poll_async(0.1)
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerGroupError, match="rank 1 is down"):
+            asyncio.run(poll_until_down())
+        assert time.monotonic() - start < 30
+    finally:
+        llm.shutdown()
 
 
 def test_a_generate_batch_reaches_rank_0_whole(checkpoints):
