@@ -32,6 +32,7 @@ from engine.kernels.matmul_4bit import (
     fits,
     launch_table_path,
     matmul_4bit,
+    own_table_path,
 )
 
 # gemv thread shapes: (num_warps, threads_n, warps_n); K per step = 32 * (32 / threads_n) *
@@ -268,7 +269,7 @@ def main() -> None:
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / (gpu.replace(" ", "_") + ".json")
+    path = own_table_path(gpu, args.out_dir)
     capability = torch.cuda.get_device_capability(device)
     # Re-tuning some buckets keeps the others' entries: this GPU's, or those it borrowed from a
     # GPU of its architecture until now (which the new file replaces).

@@ -140,11 +140,16 @@ def default_config(m: int) -> KernelConfig:
     return KernelConfig("gemm", 128, 128, 64, 1, 8, 3)
 
 
+def own_table_path(device_name: str, config_dir: Path) -> Path:
+    """Where the launch table measured on this GPU lives in config_dir (it may not exist)."""
+    return config_dir / (device_name.replace(" ", "_") + ".json")
+
+
 def launch_table_path(device_name: str, device_capability: tuple[int, int]) -> Path | None:
     """This GPU's launch table; else the first (by file name) measured on a GPU of the same
     compute capability, which records it (an H100 borrows the H200's: the same kernels and
     shared memory, less bandwidth); else None. Other files in the folder are skipped."""
-    own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+    own = own_table_path(device_name, CONFIG_DIR)
     if own.exists():
         return own
     for path in sorted(CONFIG_DIR.glob("*.json")):
@@ -171,7 +176,7 @@ def _tuned_table(device_name: str, device_capability: tuple[int, int]) -> dict[s
     path = launch_table_path(device_name, device_capability)
     if path is None:
         return {}
-    if path.stem != device_name.replace(" ", "_"):
+    if path != own_table_path(device_name, CONFIG_DIR):
         logger.warning(
             "no 4-bit matmul launch table measured on %s; using %s's (benchmarks/"
             "tune_matmul_4bit.py measures one)", device_name, path.stem.replace("_", " "),
