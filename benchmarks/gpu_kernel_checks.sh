@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On one GPU host: the kernel tests; with TUNE=1 then re-measure the fused 4-bit matmul (writes
-# engine/kernels/configs/<gpu>.json) and time it per layer against bitsandbytes and bf16; then
-# the GPU engine tests on the table that ships. Results go to $OUT.
+# engine/kernels/configs/<gpu>.json; TUNE_ARGS passes options, e.g. "--buckets 32 64 128
+# --kernels wgmma" re-tunes those buckets' warpgroup launches and keeps the rest) and time it per
+# layer against bitsandbytes and bf16; then the GPU engine tests on the table that ships.
+# Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -13,7 +15,7 @@ tail -3 "$OUT/pytest_kernels_gpu.log"
 if [ "${TUNE:-0}" = 1 ] && [ "$kernels_ok" != 0 ]; then
   echo "kernel tests failed: not tuning"
 elif [ "${TUNE:-0}" = 1 ]; then
-  python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs 2>&1 | grep -v OutOfResources | tail -30 | tee "$OUT/tune_matmul_4bit.log"
+  python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs ${TUNE_ARGS:-} 2>&1 | grep -v OutOfResources | tail -30 | tee "$OUT/tune_matmul_4bit.log"
   cp engine/kernels/configs/*.json "$OUT/"
   python3 benchmarks/linear_4bit.py --out "$OUT/linear_4bit_h200.json" 2>&1 | tail -8 | tee "$OUT/linear_4bit.log"
 fi
