@@ -87,13 +87,19 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
     w_left_bm = min(max(8, triton.next_power_of_2(m)), 128)  # the batch as the MMA's N
-    for bn, bk, split, warps, stages in itertools.product(
-        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4, 6)
+    # From 16 rows also with two decoded tiles, each step's MMA running while the next decodes.
+    for bn, bk, split, warps, stages, overlap in itertools.product(
+        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4, 6), (False, True) if m >= 16 else (False,)
     ):
-        out.append(KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True))
+        tiles = dict(mma_overlap=overlap)
+        out.append(
+            KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True, **tiles)
+        )
         if m >= 32:
             bm = 16 * warps
-            out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
+            out.append(
+                KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False, **tiles)
+            )
     # Warp-specialized: decoder warps beside one MMA warpgroup, up to decode_tiles steps ahead
     # of it, copies num_stages - decode_tiles steps ahead.
     if m >= 16:
@@ -281,6 +287,7 @@ def main() -> None:
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             kind += "-tma" if cfg.tma else ""
             kind += "-x-resident" if cfg.x_slice_steps else ""
+            kind += "-overlap" if cfg.mma_overlap else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

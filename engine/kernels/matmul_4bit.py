@@ -118,6 +118,10 @@ class KernelConfig:
     # per SM, each taking every P-th weight tile of its slice. 0 streams x's tile with each
     # weight tile.
     x_slice_steps: int = 0
+    # wgmma, plain kernel: two decoded weight tiles, so each step's MMA runs while the next
+    # step's bytes are decoded (with one, ptxas waits for the MMA first: wgmma_4bit.py). The
+    # x-resident kernel always works this way.
+    mma_overlap: bool = False
     # gemv: each step's x pairs are requested with its weight words, an iteration ahead, instead
     # of as the step begins (more registers; faster where x is several rows: batch 2's o and
     # down, 16-22%; slower at batch 1).
@@ -277,6 +281,8 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
             return False
     if bm & (bm - 1) or bn & (bn - 1):  # Gluon tensors have power-of-two shapes
         return False
+    if config.mma_overlap and (config.decode_warps or config.x_slice_steps):
+        return False  # a plain-kernel switch
     if config.x_slice_steps:  # x held in shared memory: its own kernel
         return (
             config.w_left
@@ -294,10 +300,10 @@ HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
 
 def x_resident_shared_bytes(config: KernelConfig) -> int:
     """Shared memory of the x-resident warpgroup kernel: x's slice (16-bit), the copy stages
-    (packed bytes and fp32 absmax), the decoded weight tile."""
+    (packed bytes and fp32 absmax), two decoded weight tiles."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     stage = bn * bk // 2 + bn * (bk // 32) * 4
-    return config.x_slice_steps * bm * bk * 2 + config.num_stages * stage + bn * bk * 2
+    return config.x_slice_steps * bm * bk * 2 + config.num_stages * stage + 2 * bn * bk * 2
 
 
 def k_splits(config: KernelConfig, k: int) -> int:
@@ -498,7 +504,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
             DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,
         )  # fmt: skip
     else:
-        wgmma_4bit_kernel[grid](*args, **tiles)
+        wgmma_4bit_kernel[grid](*args, **tiles, MMA_OVERLAP=config.mma_overlap)
 
 
 @functools.cache

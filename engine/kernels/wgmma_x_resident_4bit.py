@@ -11,11 +11,11 @@ each tile's fp32 partial sum to out[s] (the dispatcher sums the slices, as for s
 weight bytes and their absmax stream through the copy stages, so the same shared memory holds
 many more of them in flight. x crosses L2 once per program instead of once per weight tile.
 
-Each K step is the plain kernel's, weights as the MMA's 64-row side (the batch is its N, at
-most BLOCK_M rows): the thread's 16 bytes (32 values under one absmax) come in by `cp.async`
-NUM_STAGES - 1 steps ahead, across tile boundaries, are decoded in registers into scaled 16-bit
-pairs (`decode_4bit.decode_pairs`) while the previous step's MMA runs, and stored to the
-swizzled weight tile once it is done."""
+Each K step is the plain kernel's with MMA_OVERLAP, weights as the MMA's 64-row side (the
+batch is its N, at most BLOCK_M rows): the thread's 16 bytes (32 values under one absmax) come
+in by `cp.async` NUM_STAGES - 1 steps ahead, across tile boundaries, are decoded in registers
+into scaled 16-bit pairs (`decode_4bit.decode_pairs`) while the previous step's MMA runs, and
+stored to one of two swizzled weight tiles, the one whose MMA (two steps back) is done."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 
@@ -103,9 +102,9 @@ def wgmma_x_resident_4bit_kernel(
     s_staging = gl.allocate_shared_memory(
         gl.float32, [NUM_STAGES, BLOCK_N, chunks], gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     )
-    # The weight tile, written as int32 pairs and read as 16-bit values.
-    w_tile = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_K], tile_layout)
-    w_pairs = w_tile._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], tile_layouts(BLOCK_K)[1])
+    # Two weight tiles, written as int32 pairs and read as 16-bit values.
+    w_tiles = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_K], tile_layout)
+    w_pairs = w_tiles._reinterpret(gl.int32, [2, BLOCK_N, BLOCK_K // 2], tile_layouts(BLOCK_K)[1])
 
     # x's slice: one copy group, committed before any weight step's (groups complete in order).
     x_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_layout))
@@ -147,26 +146,28 @@ def wgmma_x_resident_4bit_kernel(
     for t in range(my_tiles):
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=accumulator)
         for i in range(steps):
-            w_pairs.store(pairs)
+            w_pairs.index(g % 2).store(pairs)
             fence_async_shared()
-            # The tile and x's slice are written, and every MMA of the step before is done.
+            # The tile and x's slice are written, and every MMA of two steps back is done.
             gl.thread_barrier()
-            acc = start_mma(w_tile, x_slice.index(i), warpgroup_mma_init(acc), True)
+            acc = start_mma(w_tiles.index(g % 2), x_slice.index(i), acc, True)
+            # The MMA of the step before is done (its tile is the next step's); this one runs
+            # on while the next step's bytes are decoded.
+            acc = warpgroup_mma_wait(1, deps=[acc])
+            if num_warps > 4:
+                gl.thread_barrier()  # and the other warpgroup's too
             async_copy.wait_group(NUM_STAGES - 3)  # this thread's bytes for step g+1 landed
             pairs = decode_stage(
                 w_staging, s_staging, (g + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7,
                 X_FP16, w_layout, pairs_layout,
             )  # fmt: skip
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            if num_warps > 4:
-                # The other warpgroup's MMA reads the tile the next step rewrites.
-                gl.thread_barrier()
             copy_weight_step(
                 g + NUM_STAGES - 1, total, steps, p, tile_stride, slice_step0, w_staging,
                 s_staging, w_ptr, absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_N,
                 BLOCK_K, BLOCKSIZE,
             )  # fmt: skip
             g += 1
+        acc = warpgroup_mma_wait(0, deps=[acc])
         n = (p + t * tile_stride) * BLOCK_N + o_n
         o_ok = o_m_ok & gl.expand_dims(n < N, 1)
         out = acc.to(out_ptr.dtype.element_ty)

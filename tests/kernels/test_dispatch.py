@@ -127,17 +127,18 @@ def test_x_resident_launches(monkeypatch):
     config = mm.KernelConfig(
         "wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16
     )
-    # 64 x 1024 bf16 of x, 8 stages of 128 rows x (32 bytes + 2 absmax), a 128 x 64 bf16 tile.
-    assert mm.x_resident_shared_bytes(config) == 131072 + 8 * (4096 + 1024) + 16384
+    # 64 x 1024 bf16 of x, 8 stages of 128 rows x (32 bytes + 2 absmax), two 128 x 64 bf16 tiles.
+    assert mm.x_resident_shared_bytes(config) == 131072 + 8 * (4096 + 1024) + 2 * 16384
     assert mm.fits(config, 64, 4096, cuda) and mm.fits(config, 33, 11008, cuda)
     assert not mm.fits(config, 65, 4096, cuda)  # x's slice holds block_m rows
     assert mm.k_splits(config, 4096) == 4 and mm.k_splits(config, 11008) == 11  # 172 steps
     assert mm.k_splits(mm.KernelConfig("wgmma", 64, 64, 64, 3, 4, 3), 4096) == 3
     refused = [
-        replace(config, x_slice_steps=24),  # 192 KB of x and the stages: past 227 KB
+        replace(config, x_slice_steps=20),  # 160 KB of x, the stages and tiles: past 227 KB
         replace(config, w_left=False, block_m=64),  # the weights must be the MMA's M side
         replace(config, decode_warps=8),  # not warp-specialized
         replace(config, programs_per_sm=0),  # the grid is programs per SM
+        replace(config, mma_overlap=True),  # a plain-kernel switch (this one always overlaps)
     ]
     assert not any(mm.fits(c, 64, 4096, cuda) for c in refused)
 

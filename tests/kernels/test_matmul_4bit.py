@@ -156,6 +156,10 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 6, w_left=True),  # copies 5 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
+            # Two decoded tiles: a step's MMA runs on while the next step decodes.
+            KernelConfig("wgmma", 64, 64, 64, 4, 4, 6, w_left=False, mma_overlap=True),
+            KernelConfig("wgmma", 16, 128, 128, 4, 4, 3, w_left=True, mma_overlap=True),
+            KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True, mma_overlap=True),
             # Warp-specialized: decoder warps beside one MMA warpgroup.
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=4),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True, decode_warps=8),

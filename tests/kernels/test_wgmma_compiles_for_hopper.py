@@ -3,7 +3,8 @@ sm_90 on this machine (Triton cross-compiles with its own ptxas; no GPU needed),
 every launch the tuned table ships and a few more: each builds, fits an SM's shared memory,
 hands its decoder warps the registers the launcher asks for, spills nothing, and issues each
 step's MMAs as one chain (ptxas serializes them, silently, when it cannot prove a pipeline
-safe: then every HGMMA waits for its own end)."""
+safe: then every HGMMA waits for its own end); with two decoded tiles, a step waits only for
+the MMA before its own."""
 
 from __future__ import annotations
 
@@ -37,13 +38,17 @@ def _launches() -> list[KernelConfig]:
     others = {
         KernelConfig("wgmma", 64, 64, 64, 1, 4, 3, w_left=False),
         KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True),  # two warpgroups
+        # Two decoded tiles, each step's MMA left running while the next step decodes.
+        KernelConfig("wgmma", 64, 64, 64, 4, 4, 6, w_left=False, mma_overlap=True),
+        KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, mma_overlap=True),
+        KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True, mma_overlap=True),
         KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
         KernelConfig("wgmma", 16, 64, 128, 4, 4, 5, decode_warps=4, decode_tiles=3),
         KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False, decode_warps=8, tma=True),
         KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, decode_warps=4, tma=True),
         # x held in shared memory: 64 rows x 1024 values, weight tiles streaming past.
         KernelConfig("wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16),
-        KernelConfig("wgmma", 64, 256, 64, 1, 8, 6, programs_per_sm=1, x_slice_steps=16),
+        KernelConfig("wgmma", 64, 256, 64, 1, 8, 6, programs_per_sm=1, x_slice_steps=12),
         KernelConfig("wgmma", 32, 64, 128, num_stages=4, programs_per_sm=2, x_slice_steps=6),
     }
     return sorted(shipped | others, key=str)
@@ -99,6 +104,7 @@ def _compile(config: KernelConfig):
         kernel = wgmma_4bit_kernel
         for name in ("DECODE_WARPS", "DECODE_REGS", "DECODE_TILES"):
             del constants[name]
+        constants["MMA_OVERLAP"] = config.mma_overlap
     if config.tma:  # the descriptors come first; their types name the blocks and layouts
         x = TensorDescriptor.from_tensor(
             torch.empty(bm, 4096, dtype=torch.bfloat16), [bm, bk], tile_layouts(bk)[0]
@@ -157,3 +163,6 @@ def test_warpgroup_launch_compiles_for_hopper(config, tmp_path):
     # A step's BLOCK_K / 16 MMAs chain, the last one alone marked to be waited on.
     waited = sum("gsb0" in line for line in mmas)
     assert mmas and waited * (config.block_k // 16) <= len(mmas), f"{waited} of {len(mmas)}"
+    if config.mma_overlap or config.x_slice_steps:
+        # A step waits for the MMA before its own, so its own runs on while the next decodes.
+        assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
