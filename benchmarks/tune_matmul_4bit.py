@@ -33,10 +33,7 @@ from engine.kernels.matmul_4bit import (
     launch_table_path,
     matmul_4bit,
     own_table_path,
-    x_resident_shared_bytes,
 )
-
-SM_SHARED_BYTES = 233472  # an sm_90 SM's shared memory, over the programs it holds
 
 # gemv thread shapes: (num_warps, threads_n, warps_n); K per step = 32 * (32 / threads_n) *
 # (num_warps / warps_n) values.
@@ -125,18 +122,22 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
     # x resident in shared memory (K in slices), weight tiles streaming past: one program per
-    # SM with 96-160 KB of x, or two with 32-48 KB.
-    for bn, bk, warps, stages, per_sm in itertools.product(
-        (64, 128, 256), (64, 128), (4, 8), (4, 8, 12), (1, 2)
-    ):
-        slice_bytes = (96, 128, 160) if per_sm == 1 else (32, 48)
-        for steps in sorted({max(1, (kib << 10) // (w_left_bm * bk * 2)) for kib in slice_bytes}):
-            config = KernelConfig(
-                "wgmma", w_left_bm, bn, bk, 1, warps, stages, programs_per_sm=per_sm,
-                x_slice_steps=steps,
-            )  # fmt: skip
-            if per_sm * x_resident_shared_bytes(config) <= SM_SHARED_BYTES:
-                out.append(config)
+    # SM with 96-160 KB of x, or two (of 4 warps: 8 need more registers than two may have) with
+    # 32-48 KB. Up to 64 rows: the fp32 partials cost traffic in proportion to the rows.
+    if m <= 64:
+        for bn, bk, warps, stages, per_sm in itertools.product(
+            (64, 128, 256), (64, 128), (4, 8), (4, 8, 12), (1, 2)
+        ):
+            if per_sm == 2 and warps == 8:
+                continue
+            slice_bytes = (96, 128, 160) if per_sm == 1 else (32, 48)
+            for kib in slice_bytes:
+                out.append(
+                    KernelConfig(
+                        "wgmma", w_left_bm, bn, bk, 1, warps, stages, programs_per_sm=per_sm,
+                        x_slice_steps=max(1, (kib << 10) // (w_left_bm * bk * 2)),
+                    )
+                )  # fmt: skip
     # At most 128 fp32 accumulators per thread: more spill.
     out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:

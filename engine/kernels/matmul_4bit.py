@@ -283,19 +283,24 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
         return False
     if config.mma_overlap and (config.decode_warps or config.x_slice_steps):
         return False  # a plain-kernel switch
-    if config.x_slice_steps:  # x held in shared memory: its own kernel
-        return (
-            config.w_left
-            and not config.decode_warps
-            and config.programs_per_sm > 0
-            and x_resident_shared_bytes(config) <= HOPPER_SHARED_BYTES
-        )
+    if config.x_slice_steps:  # x held in shared memory: its own kernel, w_left only
+        if not config.w_left or config.decode_warps or config.programs_per_sm < 1:
+            return False
+        shared = x_resident_shared_bytes(config)
+        if shared > PROGRAM_SHARED_BYTES:
+            return False
+        if config.programs_per_sm * (shared + RESERVED_SHARED_BYTES) > SM_SHARED_BYTES:
+            return False  # programs that cannot share an SM
     if config.w_left:  # W rows: the MMA's M; the batch: its N
         return bn % (16 * warps) == 0 and bm % 8 == 0 and 8 <= bm <= 256
     return bm == 16 * warps and bn % 8 == 0 and bn <= 256
 
 
-HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
+# sm_90 shared memory: the most one program may allocate; an SM's, over the programs it holds,
+# each of which also takes 1 KB the system reserves.
+PROGRAM_SHARED_BYTES = 232448
+SM_SHARED_BYTES = 233472
+RESERVED_SHARED_BYTES = 1024
 
 
 def x_resident_shared_bytes(config: KernelConfig) -> int:
@@ -319,9 +324,13 @@ def config_to_json(config: KernelConfig) -> dict[str, object]:
 
 def supports(shape: tuple[int, int], blocksize: int) -> bool:
     """Whether the fused kernels can run this layer: every row starts a new absmax block (they
-    index scales per row) and a thread's 32 values share one."""
+    index scales per row), a thread's 32 values share one, and the blocksize is a power of two
+    (the kernels split a step's absmax index into the step's and the chunk's)."""
     k = shape[1]
-    return k % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0 and k % blocksize == 0
+    power_of_two = blocksize & (blocksize - 1) == 0
+    return (
+        k % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0 and k % blocksize == 0 and power_of_two
+    )
 
 
 def matmul_4bit(

@@ -13,16 +13,17 @@ MMAs read it and x's staged tile:
   batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
 - else: out[BLOCK_M, BLOCK_N] += x W^T, BLOCK_M = 16 * num_warps rows of x.
 While step i's MMA runs, the threads wait for step i+1's bytes and decode them into registers;
-the tile is stored once the MMA is done. No shared-memory store may be issued while an MMA is
-in flight: ptxas then serializes every MMA of the kernel (each HGMMA waited on alone, with no
-warning), which an MMA left in flight across the tile's store did here. One weight tile is
-enough, and steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read).
+the tile is stored once the MMA is done. An earlier version that left an MMA in flight across
+the store to the tile that MMA reads had ptxas serialize every MMA of the kernel (each HGMMA
+waited on alone, with no warning). Steps need NUM_STAGES >= 3 (step i+1's copies land while
+step i's stage is read).
 
 With one tile the decode does not in fact overlap the MMA: ptxas moves the MMA's wait up to
 just after the first loads of the next step's bytes (in the SASS of every shipped launch), so
-each step decodes, then multiplies. MMA_OVERLAP keeps two tiles: step i stores tile i % 2,
-starts its MMA and waits only for step i-1's (whose tile step i+1 rewrites), so step i's MMA
-runs while step i+1 is decoded; ptxas keeps that order, and the MMAs still chain (checked by
+each step decodes, then multiplies. MMA_OVERLAP keeps two tiles: step i stores tile i % 2
+(step i-1's MMA, still in flight, reads the other), starts its MMA and waits only for step
+i-1's (whose tile step i+1 rewrites), so step i's MMA runs while step i+1 is decoded; ptxas
+keeps that order, and the MMAs still chain (checked by
 tests/kernels/test_wgmma_compiles_for_hopper.py)."""
 
 from __future__ import annotations
@@ -101,10 +102,9 @@ def _mma_step(
     NUM_STAGES: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr,
     BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """One weight tile (w_tile, w_pairs): see _overlapped_mma_step for two."""
-    """Step i, its bytes already decoded (`pairs`): store its weight tile and run its MMA;
-    meanwhile wait for step i+1's bytes and decode them (returned); then start copying the step
-    NUM_STAGES - 1 ahead into the stage step i-1 read."""
+    """Step i with one weight tile, its bytes already decoded (`pairs`): store the tile and run
+    its MMA; meanwhile (in the source) wait for step i+1's bytes and decode them (returned);
+    then start copying the step NUM_STAGES - 1 ahead into the stage step i-1 read."""
     w_pairs.store(pairs)
     fence_async_shared()
     # The tile and every thread's part of x's stage are written, and (each warpgroup having

@@ -41,17 +41,17 @@ from engine.kernels.wgmma_4bit import (
 
 @gluon.jit
 def copy_weight_step(
-    g, total, steps, first_tile, tile_stride, slice_step0, w_staging, s_staging, w_ptr,
-    absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_N: gl.constexpr,
-    BLOCK_K: gl.constexpr, BLOCKSIZE: gl.constexpr,
+    g, total, row0, k_step, slice_step0, slice_end, row_stride, w_staging, s_staging, w_ptr,
+    absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_K: gl.constexpr,
+    BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """Start copying this program's g-th step (tile g // steps, K step g % steps of its slice):
-    packed bytes [n, chunk, byte] and absmax [n, chunk] into stage g modulo the stages. A step
-    past the last copies nothing but still commits a group, so group counts stay in step."""
+    """Start copying this program's g-th step, the K step k_step of the tile whose first row is
+    row0: packed bytes [n, chunk, byte] and absmax [n, chunk] into stage g modulo the stages. A
+    step past the last copies nothing but still commits a group, so group counts stay in step.
+    Returns the next step's (row0, k_step): the slice's next K step, or its first one in the
+    next tile (counters, not a division by the slice's length every step)."""
     stage = g % w_staging.shape[0]
-    t = g // steps
-    k_step = slice_step0 + g - t * steps
-    rows = gl.minimum((first_tile + t * tile_stride) * BLOCK_N + w_n, N - 1)
+    rows = gl.minimum(row0 + w_n, N - 1)
     w_row = gl.expand_dims(gl.expand_dims(rows * stride_w + k_step * (BLOCK_K // 2), 1), 2)
     s_row = gl.expand_dims(rows * stride_a + (k_step * BLOCK_K) // BLOCKSIZE, 1)
     live = g < total
@@ -60,6 +60,8 @@ def copy_weight_step(
         s_staging.index(stage), absmax_ptr + s_row + s_cb, mask=live
     )
     async_copy.commit_group()
+    wrap = (k_step + 1 == slice_end).to(gl.int32)
+    return row0 + wrap * row_stride, k_step + 1 - wrap * (slice_end - slice_step0)
 
 
 # Not specialized on M, as the plain kernel (eager steps bring row counts no bucket had).
@@ -128,10 +130,16 @@ def wgmma_x_resident_4bit_kernel(
     t0, t1, t2, t3, t4, t5, t6, t7 = load_code_table(
         table_ptr, gl.expand_dims(gl.expand_dims(w_n, 1), 2), X_FP16
     )
+    # The next copy's tile (its first row) and K step; tiles p, p + P, ... of this slice.
+    copy_row0 = p * BLOCK_N
+    copy_k = slice_step0
+    slice_end = slice_step0 + steps
+    row_stride = tile_stride * BLOCK_N
     for j in gl.static_range(NUM_STAGES - 1):
-        copy_weight_step(
-            j, total, steps, p, tile_stride, slice_step0, w_staging, s_staging, w_ptr,
-            absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_N, BLOCK_K, BLOCKSIZE,
+        copy_row0, copy_k = copy_weight_step(
+            j, total, copy_row0, copy_k, slice_step0, slice_end, row_stride, w_staging,
+            s_staging, w_ptr, absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_K,
+            BLOCKSIZE,
         )  # fmt: skip
     async_copy.wait_group(NUM_STAGES - 2)  # x's slice and step 0's bytes have landed
     pairs = decode_stage(
@@ -156,15 +164,17 @@ def wgmma_x_resident_4bit_kernel(
             acc = warpgroup_mma_wait(1, deps=[acc])
             if num_warps > 4:
                 gl.thread_barrier()  # and the other warpgroup's too
-            async_copy.wait_group(NUM_STAGES - 3)  # this thread's bytes for step g+1 landed
+            # Into the stage step g-1 read (this thread decoded its bytes then; no MMA reads
+            # it). Issued before the wait, which saves a barrier the compiler would add.
+            copy_row0, copy_k = copy_weight_step(
+                g + NUM_STAGES - 1, total, copy_row0, copy_k, slice_step0, slice_end,
+                row_stride, w_staging, s_staging, w_ptr, absmax_ptr, w_n, w_cb, s_cb, N,
+                stride_w, stride_a, BLOCK_K, BLOCKSIZE,
+            )  # fmt: skip
+            async_copy.wait_group(NUM_STAGES - 2)  # this thread's bytes for step g+1 landed
             pairs = decode_stage(
                 w_staging, s_staging, (g + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7,
                 X_FP16, w_layout, pairs_layout,
-            )  # fmt: skip
-            copy_weight_step(
-                g + NUM_STAGES - 1, total, steps, p, tile_stride, slice_step0, w_staging,
-                s_staging, w_ptr, absmax_ptr, w_n, w_cb, s_cb, N, stride_w, stride_a, BLOCK_N,
-                BLOCK_K, BLOCKSIZE,
             )  # fmt: skip
             g += 1
         acc = warpgroup_mma_wait(0, deps=[acc])

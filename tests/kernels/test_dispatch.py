@@ -81,8 +81,9 @@ def test_layers_the_kernels_cannot_index_are_refused():
     """Scales are indexed per row, so K must hold whole absmax blocks; x must be 16-bit."""
     from engine.kernels import matmul_4bit as mm
 
-    assert mm.supports((4096, 11008), 64)
+    assert mm.supports((4096, 11008), 64) and mm.supports((4096, 11008), 256)
     assert not mm.supports((4096, 5504), 256)  # 5504 = 21.5 blocks of 256
+    assert not mm.supports((4096, 4608), 192)  # not a power of two
     packed = torch.zeros(64 * 256 // 2, dtype=torch.uint8)
     absmax = torch.ones(64 * 256 // 64)
     with pytest.raises(ValueError, match="fp16/bf16"):
@@ -139,7 +140,14 @@ def test_x_resident_launches(monkeypatch):
         replace(config, decode_warps=8),  # not warp-specialized
         replace(config, programs_per_sm=0),  # the grid is programs per SM
         replace(config, mma_overlap=True),  # a plain-kernel switch (this one always overlaps)
+        replace(config, block_n=32),  # 64 weight rows per warpgroup MMA
+        replace(config, block_n=64, num_warps=8),  # ... for each of two warpgroups
+        replace(config, block_m=4, x_slice_steps=4),  # the MMA's N is 8-256, a multiple of 8
+        replace(config, x_slice_steps=4, num_stages=4, programs_per_sm=3),  # 3 x 85 KB
     ]
+    assert mm.fits(
+        replace(config, x_slice_steps=4, num_stages=4, programs_per_sm=2), 64, 4096, cuda
+    )
     assert not any(mm.fits(c, 64, 4096, cuda) for c in refused)
 
 

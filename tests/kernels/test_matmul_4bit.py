@@ -32,12 +32,12 @@ CASES = [(model, shape) for model, shapes in SHAPES.items() for shape in shapes]
 
 
 @functools.cache
-def quantized(n: int, k: int, quant_type: str, nested: bool):
+def quantized(n: int, k: int, quant_type: str, nested: bool, blocksize: int = 64):
     """(packed, de-nested fp32 absmax, code, bnb's dequantized weight) of a seeded random W."""
     g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
     packed, state = bnbF.quantize_4bit(
-        w, blocksize=64, quant_type=quant_type, compress_statistics=nested
+        w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
     )
     reference = bnbF.dequantize_4bit(packed, state)  # bf16, as bnb's matmul sees it
     absmax = state.absmax
@@ -214,6 +214,36 @@ def test_every_kernel_variant(quant_type, dtype):
             out = matmul_4bit(x, packed, absmax, table, (n, k), 64, config)
             err = (out.float() - expected).norm() / expected.norm()
             assert err < 4e-3, f"{config} on {n}x{k}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("blocksize", [128, 256])
+def test_larger_blocksizes(blocksize):
+    """Absmax blocks longer than a K step (a step's scale index splits into the step's and the
+    chunk's): one launch of each kernel kind, 128- and 64-value steps."""
+    from engine.kernels.decode_4bit import code_table
+    from engine.kernels.matmul_4bit import KernelConfig, fits, matmul_4bit
+
+    n, k = 4096, 11008  # 43 blocks of 256
+    packed, absmax, code, weight = quantized(n, k, "nf4", True, blocksize)
+    table = code_table(code, torch.device("cuda"))
+    packed_fma = dict(packed_fma=True, wide_table=True)
+    launches = [
+        (1, KernelConfig("gemv", 1, 16, 0, 1, 4, threads_n=2, warps_n=2, **packed_fma)),
+        (2, KernelConfig("gemv", 2, 16, num_warps=4, threads_n=2, warps_n=2)),
+        (13, KernelConfig("mma", 16, 64, 0, 2, 4)),
+        (33, KernelConfig("wgmma", 64, 128, 64, 1, 4, 4, w_left=False)),
+        (61, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, mma_overlap=True)),
+        (40, KernelConfig("wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16)),
+        (64, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=8, tma=True)),
+    ]
+    for m, config in launches:
+        if not fits(config, m, k, torch.device("cuda")):
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        expected = x.float() @ weight.float().T
+        out = matmul_4bit(x, packed, absmax, table, (n, k), blocksize, config)
+        err = (out.float() - expected).norm() / expected.norm()
+        assert err < 4e-3, f"{config}, blocksize {blocksize}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
