@@ -123,8 +123,9 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
     # x resident in shared memory (K in slices), weight tiles streaming past: one program per
     # SM with 96-160 KB of x, or two (of 4 warps: 8 need more registers than two may have) with
-    # 32-48 KB. Up to 64 rows: the fp32 partials cost traffic in proportion to the rows.
-    if m <= 64:
+    # 32-48 KB. From 16 rows (below, the GEMV and the register MMA kernel win) up to 64: the
+    # fp32 partials cost traffic in proportion to the rows.
+    if 16 <= m <= 64:
         for bn, bk, warps, stages, per_sm in itertools.product(
             (64, 128, 256), (64, 128), (4, 8), (4, 8, 12), (1, 2)
         ):
