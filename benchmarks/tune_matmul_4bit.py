@@ -84,19 +84,13 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     # MMA's 64-row side at any batch, x as it from 32 rows up. `fits` drops tiles it cannot run.
     splits = (1, 2, 4) if m <= 64 else (1, 2)
     w_left_bm = min(max(8, triton.next_power_of_2(m)), 128)  # the batch as the MMA's N
-    # From 16 rows also with two decoded tiles, each step's MMA running while the next decodes.
-    for bn, bk, split, warps, stages, overlap in itertools.product(
-        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4, 6), (False, True) if m >= 16 else (False,)
+    for bn, bk, split, warps, stages in itertools.product(
+        (64, 128, 256), (64, 128), splits, (4, 8), (3, 4, 6)
     ):
-        tiles = dict(mma_overlap=overlap)
-        out.append(
-            KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True, **tiles)
-        )
+        out.append(KernelConfig("wgmma", w_left_bm, bn, bk, split, warps, stages, w_left=True))
         if m >= 32:
             bm = 16 * warps
-            out.append(
-                KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False, **tiles)
-            )
+            out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
     # Warp-specialized: decoder warps beside one MMA warpgroup, up to decode_tiles steps ahead
     # of it, copies num_stages - decode_tiles steps ahead.
     if m >= 16:
@@ -121,24 +115,6 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             )
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
-    # x resident in shared memory (K in slices), weight tiles streaming past: one program per
-    # SM with 96-160 KB of x, or two (of 4 warps: 8 need more registers than two may have) with
-    # 32-48 KB. From 16 rows (below, the GEMV and the register MMA kernel win) up to 64: the
-    # fp32 partials cost traffic in proportion to the rows.
-    if 16 <= m <= 64:
-        for bn, bk, warps, stages, per_sm in itertools.product(
-            (64, 128, 256), (64, 128), (4, 8), (4, 8, 12), (1, 2)
-        ):
-            if per_sm == 2 and warps == 8:
-                continue
-            slice_bytes = (96, 128, 160) if per_sm == 1 else (32, 48)
-            for kib in slice_bytes:
-                out.append(
-                    KernelConfig(
-                        "wgmma", w_left_bm, bn, bk, 1, warps, stages, programs_per_sm=per_sm,
-                        x_slice_steps=max(1, (kib << 10) // (w_left_bm * bk * 2)),
-                    )
-                )  # fmt: skip
     # At most 128 fp32 accumulators per thread: more spill.
     out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:
@@ -288,8 +264,6 @@ def main() -> None:
             kind += "-pairs" if cfg.pair_words else ""
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             kind += "-tma" if cfg.tma else ""
-            kind += "-x-resident" if cfg.x_slice_steps else ""
-            kind += "-overlap" if cfg.mma_overlap else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

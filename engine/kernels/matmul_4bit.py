@@ -112,16 +112,6 @@ class KernelConfig:
     # wgmma, warp-specialized: one more warp brings each step's packed bytes and x's tile in
     # with TMA copies (wgmma_tma_4bit.py) instead of the decoders' per-thread cp.async.
     tma: bool = False
-    # wgmma, w_left, not warp-specialized: > 0 holds x_slice_steps K steps of x (all block_m
-    # rows) in each program's shared memory, splitting K into slices of that many steps (their
-    # partials summed as split K's; split_k is not read), and launches programs_per_sm programs
-    # per SM, each taking every P-th weight tile of its slice. 0 streams x's tile with each
-    # weight tile.
-    x_slice_steps: int = 0
-    # wgmma, plain kernel: two decoded weight tiles, so each step's MMA runs while the next
-    # step's bytes are decoded (with one, ptxas waits for the MMA first: wgmma_4bit.py). The
-    # x-resident kernel always works this way.
-    mma_overlap: bool = False
     # gemv: each step's x pairs are requested with its weight words, an iteration ahead, instead
     # of as the step begins (more registers; faster where x is several rows: batch 2's o and
     # down, 16-22%; slower at batch 1).
@@ -245,8 +235,7 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
         return (
             _wgmma_tiles(config)
             and k % config.block_k == 0
-            and 0 < m
-            and (not config.x_slice_steps or m <= config.block_m)  # x's slice holds every row
+            and m > 0
             and capability(device) == (9, 0)
         )
     return config.kernel == "gemm"
@@ -281,41 +270,9 @@ def _wgmma_tiles(config: KernelConfig) -> bool:
             return False
     if bm & (bm - 1) or bn & (bn - 1):  # Gluon tensors have power-of-two shapes
         return False
-    if config.mma_overlap and (config.decode_warps or config.x_slice_steps):
-        return False  # a plain-kernel switch
-    if config.x_slice_steps:  # x held in shared memory: its own kernel, w_left only
-        if not config.w_left or config.decode_warps or config.programs_per_sm < 1:
-            return False
-        shared = x_resident_shared_bytes(config)
-        if shared > PROGRAM_SHARED_BYTES:
-            return False
-        if config.programs_per_sm * (shared + RESERVED_SHARED_BYTES) > SM_SHARED_BYTES:
-            return False  # programs that cannot share an SM
     if config.w_left:  # W rows: the MMA's M; the batch: its N
         return bn % (16 * warps) == 0 and bm % 8 == 0 and 8 <= bm <= 256
     return bm == 16 * warps and bn % 8 == 0 and bn <= 256
-
-
-# sm_90 shared memory: the most one program may allocate; an SM's, over the programs it holds,
-# each of which also takes 1 KB the system reserves.
-PROGRAM_SHARED_BYTES = 232448
-SM_SHARED_BYTES = 233472
-RESERVED_SHARED_BYTES = 1024
-
-
-def x_resident_shared_bytes(config: KernelConfig) -> int:
-    """Shared memory of the x-resident warpgroup kernel: x's slice (16-bit), the copy stages
-    (packed bytes and fp32 absmax), two decoded weight tiles."""
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    stage = bn * bk // 2 + bn * (bk // 32) * 4
-    return config.x_slice_steps * bm * bk * 2 + config.num_stages * stage + 2 * bn * bk * 2
-
-
-def k_splits(config: KernelConfig, k: int) -> int:
-    """How many fp32 partials [M, N] a launch writes (1: it writes out itself)."""
-    if config.kernel == "wgmma" and config.x_slice_steps:
-        return triton.cdiv(k // config.block_k, config.x_slice_steps)
-    return config.split_k
 
 
 def config_to_json(config: KernelConfig) -> dict[str, object]:
@@ -329,7 +286,7 @@ def supports(shape: tuple[int, int], blocksize: int) -> bool:
     k = shape[1]
     power_of_two = blocksize & (blocksize - 1) == 0
     return (
-        k % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0 and k % blocksize == 0 and power_of_two
+        power_of_two and k % GROUP_SIZE == 0 and blocksize % GROUP_SIZE == 0 and k % blocksize == 0
     )
 
 
@@ -377,7 +334,7 @@ def matmul_4bit(
         out = matmul_4bit(x2, packed, absmax, table, shape, blocksize, config)
         return activation(out).reshape(*lead, n // 2)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    split = k_splits(config, k)
+    split = config.split_k
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     stride_ok = 0 if split == 1 else m * n
     if config.kernel == "gemv":
@@ -491,18 +448,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         W_LEFT=config.w_left, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
     )  # fmt: skip
-    if config.x_slice_steps:
-        from engine.kernels.wgmma_x_resident_4bit import wgmma_x_resident_4bit_kernel
-
-        slices = k_splits(config, k)
-        # Programs per slice: as many as the SMs hold, no more than the slice's weight tiles.
-        per_slice = config.programs_per_sm * sm_count(x2.device) // slices
-        per_slice = max(1, min(triton.cdiv(n, config.block_n), per_slice))
-        del tiles["SPLIT_K"], tiles["W_LEFT"]
-        wgmma_x_resident_4bit_kernel[(slices * per_slice,)](
-            *args, **tiles, SLICE_STEPS=config.x_slice_steps
-        )
-    elif config.tma:
+    if config.tma:
         _launch_wgmma_tma(x2, packed, grid, args, tiles, config)
     elif config.decode_warps:
         from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
@@ -513,7 +459,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
             DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,
         )  # fmt: skip
     else:
-        wgmma_4bit_kernel[grid](*args, **tiles, MMA_OVERLAP=config.mma_overlap)
+        wgmma_4bit_kernel[grid](*args, **tiles)
 
 
 @functools.cache

@@ -13,18 +13,18 @@ MMAs read it and x's staged tile:
   batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
 - else: out[BLOCK_M, BLOCK_N] += x W^T, BLOCK_M = 16 * num_warps rows of x.
 While step i's MMA runs, the threads wait for step i+1's bytes and decode them into registers;
-the tile is stored once the MMA is done. An earlier version that left an MMA in flight across
-the store to the tile that MMA reads had ptxas serialize every MMA of the kernel (each HGMMA
-waited on alone, with no warning). Steps need NUM_STAGES >= 3 (step i+1's copies land while
-step i's stage is read).
+the tile is stored once the MMA is done. No shared-memory store may be issued while an MMA is
+in flight: ptxas then serializes every MMA of the kernel (each HGMMA waited on alone, with no
+warning), which an MMA left in flight across the tile's store did here. One weight tile is
+enough, and steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read).
 
-With one tile the decode does not in fact overlap the MMA: ptxas moves the MMA's wait up to
-just after the first loads of the next step's bytes (in the SASS of every shipped launch), so
-each step decodes, then multiplies. MMA_OVERLAP keeps two tiles: step i stores tile i % 2
-(step i-1's MMA, still in flight, reads the other), starts its MMA and waits only for step
-i-1's (whose tile step i+1 rewrites), so step i's MMA runs while step i+1 is decoded; ptxas
-keeps that order, and the MMAs still chain (checked by
-tests/kernels/test_wgmma_compiles_for_hopper.py)."""
+Within one program the decode does not in fact overlap the MMA: in the SASS of every shipped
+launch ptxas moves the wait for a step's MMAs up to just before the next step's decode. The
+overlap comes from the other programs on the SM (a 64-row launch uses 71 KB of shared memory:
+three fit). Two decoded tiles, with each step waiting only for the MMA before its own, did
+overlap them within a program, but the extra tile cost a program per SM and the launches were
+slower, 15-30% at 64 rows; with fewer stages to keep three programs an SM, no faster (H100;
+README, "Per-layer linear time")."""
 
 from __future__ import annotations
 
@@ -102,9 +102,9 @@ def _mma_step(
     NUM_STAGES: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr,
     BLOCKSIZE: gl.constexpr,
 ):  # fmt: skip
-    """Step i with one weight tile, its bytes already decoded (`pairs`): store the tile and run
-    its MMA; meanwhile (in the source) wait for step i+1's bytes and decode them (returned);
-    then start copying the step NUM_STAGES - 1 ahead into the stage step i-1 read."""
+    """Step i, its bytes already decoded (`pairs`): store its weight tile and run its MMA;
+    meanwhile wait for step i+1's bytes and decode them (returned); then start copying the step
+    NUM_STAGES - 1 ahead into the stage step i-1 read."""
     w_pairs.store(pairs)
     fence_async_shared()
     # The tile and every thread's part of x's stage are written, and (each warpgroup having
@@ -122,39 +122,6 @@ def _mma_step(
     copy_step(
         i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
         x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
-    )  # fmt: skip
-    return pairs, acc
-
-
-@gluon.jit
-def _overlapped_mma_step(
-    i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tiles, w_pairs, w_ptrs, s_ptrs,
-    x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
-    W_LAYOUT: gl.constexpr, PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr,
-    BLOCKSIZE: gl.constexpr,
-):  # fmt: skip
-    """Step i with two weight tiles: store tile i % 2, start step i's MMA, wait for step i-1's
-    (its tile and x stage are the next to be rewritten), start the copies NUM_STAGES - 1 steps
-    ahead into that stage, then decode step i+1 while step i's MMA runs. The last MMA is left in
-    flight (the caller waits)."""
-    w_pairs.index(i % 2).store(pairs)
-    fence_async_shared()
-    # Both tiles' writers are done, every thread's part of x's stage has landed, and every MMA
-    # of step i-2 (which read this tile) is done.
-    gl.thread_barrier()
-    acc = start_mma(w_tiles.index(i % 2), x_staging.index(i % NUM_STAGES), acc, W_LEFT)
-    acc = warpgroup_mma_wait(1, deps=[acc])
-    if gl.num_warps() > 4:
-        gl.thread_barrier()  # the other warpgroup's MMA of step i-1 is done too
-    copy_step(
-        i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
-        x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
-    )  # fmt: skip
-    async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i+1 have landed
-    pairs = decode_stage(
-        w_staging, s_staging, (i + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-        W_LAYOUT, PAIR_LAYOUT,
     )  # fmt: skip
     return pairs, acc
 
@@ -278,7 +245,7 @@ def wgmma_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr, MMA_OVERLAP: gl.constexpr = False,
+    NUM_STAGES: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0."""
     num_warps: gl.constexpr = gl.num_warps()
@@ -294,11 +261,8 @@ def wgmma_4bit_kernel(
     # The weight tile, written as int32 pairs and read as 16-bit values.
     smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[0]
     pair_smem_layout: gl.constexpr = tile_layouts(BLOCK_K)[1]
-    tiles: gl.constexpr = 2 if MMA_OVERLAP else 1
-    w_tile = gl.allocate_shared_memory(
-        x_ptr.dtype.element_ty, [tiles, BLOCK_N, BLOCK_K], smem_layout
-    )
-    w_pairs = w_tile._reinterpret(gl.int32, [tiles, BLOCK_N, BLOCK_K // 2], pair_smem_layout)
+    w_tile = gl.allocate_shared_memory(x_ptr.dtype.element_ty, [BLOCK_N, BLOCK_K], smem_layout)
+    w_pairs = w_tile._reinterpret(gl.int32, [BLOCK_N, BLOCK_K // 2], pair_smem_layout)
 
     pid_k = gl.program_id(2)
     w_ptrs, s_ptrs, x_ptrs, x_ok, table_lane = operand_pointers(
@@ -324,20 +288,10 @@ def wgmma_4bit_kernel(
         w_staging, s_staging, 0, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout, pairs_layout
     )  # fmt: skip
     for i in range(n_steps):
-        if MMA_OVERLAP:
-            pairs, acc = _overlapped_mma_step(
-                i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile, w_pairs,
-                w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
-                w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
-            )  # fmt: skip
-        else:
-            pairs, acc = _mma_step(
-                i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile.index(0),
-                w_pairs.index(0), w_ptrs, s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5,
-                t6, t7, X_FP16, w_layout, pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K,
-                BLOCKSIZE,
-            )  # fmt: skip
-    if MMA_OVERLAP:
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        pairs, acc = _mma_step(
+            i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs,
+            s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout,
+            pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
+        )  # fmt: skip
     async_copy.wait_group(0)  # no copy outlives the program
     store_out(acc, out_ptr, M, N, stride_om, stride_ok, accumulator, W_LEFT, BLOCK_M, BLOCK_N)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -115,40 +113,6 @@ def test_warpgroup_tiles_hopper_has():
         mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 2, w_left=True),
     ]
     assert not any(mm._wgmma_tiles(c) for c in refused)
-
-
-def test_x_resident_launches(monkeypatch):
-    """The x-resident warpgroup kernel: weights on the MMA's M side, every row of x in one tile,
-    x's slice and the copy stages within an SM's shared memory, programs per SM given; K splits
-    into slices of x_slice_steps steps, the last one shorter where they do not divide K."""
-    from engine.kernels import matmul_4bit as mm
-
-    cuda = torch.device("cuda")
-    monkeypatch.setattr(mm, "capability", lambda device: (9, 0))
-    config = mm.KernelConfig(
-        "wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16
-    )
-    # 64 x 1024 bf16 of x, 8 stages of 128 rows x (32 bytes + 2 absmax), two 128 x 64 bf16 tiles.
-    assert mm.x_resident_shared_bytes(config) == 131072 + 8 * (4096 + 1024) + 2 * 16384
-    assert mm.fits(config, 64, 4096, cuda) and mm.fits(config, 33, 11008, cuda)
-    assert not mm.fits(config, 65, 4096, cuda)  # x's slice holds block_m rows
-    assert mm.k_splits(config, 4096) == 4 and mm.k_splits(config, 11008) == 11  # 172 steps
-    assert mm.k_splits(mm.KernelConfig("wgmma", 64, 64, 64, 3, 4, 3), 4096) == 3
-    refused = [
-        replace(config, x_slice_steps=20),  # 160 KB of x, the stages and tiles: past 227 KB
-        replace(config, w_left=False, block_m=64),  # the weights must be the MMA's M side
-        replace(config, decode_warps=8),  # not warp-specialized
-        replace(config, programs_per_sm=0),  # the grid is programs per SM
-        replace(config, mma_overlap=True),  # a plain-kernel switch (this one always overlaps)
-        replace(config, block_n=32),  # 64 weight rows per warpgroup MMA
-        replace(config, block_n=64, num_warps=8),  # ... for each of two warpgroups
-        replace(config, block_m=4, x_slice_steps=4),  # the MMA's N is 8-256, a multiple of 8
-        replace(config, x_slice_steps=4, num_stages=4, programs_per_sm=3),  # 3 x 85 KB
-    ]
-    assert mm.fits(
-        replace(config, x_slice_steps=4, num_stages=4, programs_per_sm=2), 64, 4096, cuda
-    )
-    assert not any(mm.fits(c, 64, 4096, cuda) for c in refused)
 
 
 def test_register_mma_tiles(monkeypatch):

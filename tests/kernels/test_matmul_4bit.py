@@ -156,10 +156,6 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 6, w_left=True),  # copies 5 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
-            # Two decoded tiles: a step's MMA runs on while the next step decodes.
-            KernelConfig("wgmma", 64, 64, 64, 4, 4, 6, w_left=False, mma_overlap=True),
-            KernelConfig("wgmma", 16, 128, 128, 4, 4, 3, w_left=True, mma_overlap=True),
-            KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True, mma_overlap=True),
             # Warp-specialized: decoder warps beside one MMA warpgroup.
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=4),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True, decode_warps=8),
@@ -175,12 +171,6 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, w_left=True, decode_warps=4, tma=True),
             KernelConfig("wgmma", 128, 128, 64, 1, 4, 4, decode_warps=8, decode_tiles=3, tma=True),
             KernelConfig("wgmma", 64, 64, 128, 2, 4, 4, w_left=False, decode_warps=4, tma=True),
-            # x resident in shared memory, K in slices (the last one shorter at K = 11008).
-            KernelConfig("wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16),
-            KernelConfig("wgmma", 64, 256, 64, 1, 8, 6, programs_per_sm=1, x_slice_steps=12),
-            KernelConfig("wgmma", 32, 64, 128, num_stages=4, programs_per_sm=2, x_slice_steps=6),
-            # K = 4160: one slice, written straight to the output.
-            KernelConfig("wgmma", 16, 64, 64, num_stages=4, programs_per_sm=1, x_slice_steps=80),
         ]
     return variants
 
@@ -201,8 +191,6 @@ def test_every_kernel_variant(quant_type, dtype):
                 m = min(config.block_m, 7)
             elif config.kernel == "mma":
                 m = config.block_m - 3  # rows that do not fill the tile
-            elif config.x_slice_steps:
-                m = config.block_m - 3  # rows that do not fill the tile (one tile holds all)
             elif config.kernel == "wgmma" and config.w_left:
                 m = config.block_m + 3  # a second batch tile, ragged
             else:
@@ -232,8 +220,7 @@ def test_larger_blocksizes(blocksize):
         (2, KernelConfig("gemv", 2, 16, num_warps=4, threads_n=2, warps_n=2)),
         (13, KernelConfig("mma", 16, 64, 0, 2, 4)),
         (33, KernelConfig("wgmma", 64, 128, 64, 1, 4, 4, w_left=False)),
-        (61, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, mma_overlap=True)),
-        (40, KernelConfig("wgmma", 64, 128, 64, num_stages=8, programs_per_sm=1, x_slice_steps=16)),
+        (61, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True)),
         (64, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=8, tma=True)),
     ]
     for m, config in launches:
