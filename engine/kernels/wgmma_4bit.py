@@ -13,18 +13,18 @@ MMAs read it and x's staged tile:
   batch as its N (8-256), so a small batch does not pay for 64 rows of tensor-core work;
 - else: out[BLOCK_M, BLOCK_N] += x W^T, BLOCK_M = 16 * num_warps rows of x.
 While step i's MMA runs, the threads wait for step i+1's bytes and decode them into registers;
-the tile is stored once the MMA is done. No shared-memory store may be issued while an MMA is
-in flight: ptxas then serializes every MMA of the kernel (each HGMMA waited on alone, with no
-warning), which an MMA left in flight across the tile's store did here. One weight tile is
-enough, and steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read).
+the tile is stored once the MMA is done. An MMA left in flight across the store to the tile it
+reads made ptxas serialize every MMA of the kernel (each HGMMA waited on alone, with no
+warning); a store to another tile does not (the two-tile trial below kept its MMAs chained).
+Steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read).
 
 Within one program the decode does not in fact overlap the MMA: in the SASS of every shipped
 launch ptxas moves the wait for a step's MMAs up to just before the next step's decode. The
 overlap comes from the other programs on the SM (a 64-row launch uses 71 KB of shared memory:
 three fit). Two decoded tiles, with each step waiting only for the MMA before its own, did
 overlap them within a program, but the extra tile cost a program per SM and the launches were
-slower, 15-30% at 64 rows; with fewer stages to keep three programs an SM, no faster (H100;
-README, "Per-layer linear time")."""
+slower, 11-28% a layer at 64 rows; with fewer stages to keep three programs an SM, no faster
+(H100; README, "Per-layer linear time")."""
 
 from __future__ import annotations
 
