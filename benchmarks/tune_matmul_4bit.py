@@ -115,6 +115,12 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             )
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
+    # Hopper: warpgroup MMAs with the decoded weights in registers (16 rows a warp), the batch
+    # as the MMAs' N, up to 128 rows a tile.
+    if m >= 16:
+        rs_bm = min(triton.next_power_of_2(m), 128)
+        for warps, split, stages in itertools.product((4, 8), splits, (2, 3, 4, 5)):
+            out.append(KernelConfig("wgmma_rs", rs_bm, 16 * warps, 128, split, warps, stages))
     # At most 128 fp32 accumulators per thread: more spill.
     out = [c for c in out if c.kernel != "wgmma" or c.block_m * c.block_n <= 4096 * c.num_warps]
     if m >= 8:
@@ -126,7 +132,7 @@ def _all_candidates(m: int) -> list[KernelConfig]:
                     split = 4 if m <= 64 else 1
                     out.append(KernelConfig("gemm", bm, bn, bk, split, 4, 3, w_left=w_left))
     device = torch.device("cuda")
-    hopper = ("wgmma", "mma")
+    hopper = ("wgmma", "wgmma_rs", "mma")
     return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 

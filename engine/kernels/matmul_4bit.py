@@ -19,6 +19,9 @@ Three kernels, named by `KernelConfig.kernel`:
   MMA's 64-row side (`w_left`, small batches) or x. With `decode_warps`, warp-specialized
   (`wgmma_ws_4bit.py`): those warps copy and decode while one warpgroup issues the MMAs; with
   `tma` as well (`wgmma_tma_4bit.py`), one more warp brings the operands in by TMA.
+- "wgmma_rs" (`wgmma_rs_4bit.py`, Gluon, Hopper only): warpgroup MMAs with the decoded weights
+  as their A operand straight from registers (no decoded tile in shared memory), x's tile
+  staged in shared memory in the fragments' K order; 16 weight rows per warp.
 - "gemm" (`gemm_4bit.py`, Triton, any GPU): more rows; W decoded, scaled and cast in
   registers as the left (`w_left`) or right operand of `tl.dot`, x's even and odd columns
   meeting W's high and low nibbles as two dots.
@@ -70,7 +73,7 @@ class KernelConfig:
     kernel does not read keep their defaults (threads_n and warps_n: "gemv" only; w_left:
     "gemm" and "wgmma")."""
 
-    kernel: str  # "gemv", "mma", "gemm", "wgmma" (Hopper) or "bitsandbytes"
+    kernel: str  # "gemv", "mma", "gemm", "wgmma", "wgmma_rs" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
     block_k: int = 0  # gemm, wgmma: values of K per loop step
@@ -238,7 +241,29 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
             and m > 0
             and capability(device) == (9, 0)
         )
+    if config.kernel == "wgmma_rs":
+        return _wgmma_rs_tiles(config) and k % RS_STEP == 0 and capability(device) == (9, 0)
     return config.kernel == "gemm"
+
+
+RS_STEP = 128  # wgmma_rs: K values per step (16 bytes per lane and weight row)
+HOPPER_SHARED_BYTES = 232448  # the most shared memory one program may allocate on sm_90
+
+
+def _wgmma_rs_tiles(config: KernelConfig) -> bool:
+    """Whether the register-A warpgroup kernel can tile this way: one or two warpgroups of 16
+    weight rows a warp, the batch as the MMAs' N (8-128: more spills), copies at least one
+    step ahead, and the stages fit shared memory."""
+    bm, warps = config.block_m, config.num_warps
+    if warps not in (4, 8) or config.block_n != 16 * warps or not config.w_left:
+        return False
+    if bm & (bm - 1) or not 8 <= bm <= 128 or config.num_stages < 2 or config.split_k < 1:
+        return False
+    if config.decode_warps or config.tma or config.block_k not in (0, RS_STEP):
+        return False
+    # A stage: x's tile (16-bit), then per weight row 64 packed bytes and four fp32 absmax.
+    stage = bm * RS_STEP * 2 + config.block_n * (RS_STEP // 2 + 4 * 4)
+    return config.num_stages * stage + 1024 <= HOPPER_SHARED_BYTES
 
 
 MMA_BLOCK_M = (8, 16, 32, 64)  # x rows the register MMA kernel holds: 8 per MMA, power of two
@@ -343,6 +368,8 @@ def matmul_4bit(
         _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     elif config.kernel == "wgmma":
         _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
+    elif config.kernel == "wgmma_rs":
+        _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config)
     else:
         args = (
             x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
@@ -460,6 +487,25 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
         )  # fmt: skip
     else:
         wgmma_4bit_kernel[grid](*args, **tiles)
+
+
+def _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
+    from engine.kernels.wgmma_rs_4bit import wgmma_rs_4bit_kernel  # Hopper-only module
+
+    m = x2.shape[0]
+    # x is copied as int32 pairs from rows a compile-time stride apart (its offsets become the
+    # copies' immediates): whole, aligned pairs, a contiguous row stride.
+    if x2.data_ptr() % 4 or x2.stride(0) != k:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    if packed.data_ptr() % 16:
+        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    wgmma_rs_4bit_kernel[grid](
+        x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
+        k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
+        BLOCK_M=config.block_m, SPLIT_K=config.split_k, NUM_STAGES=config.num_stages,
+        X_STRIDE=k, num_warps=config.num_warps,
+    )  # fmt: skip
 
 
 @functools.cache

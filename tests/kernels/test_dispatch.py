@@ -115,6 +115,31 @@ def test_warpgroup_tiles_hopper_has():
     assert not any(mm._wgmma_tiles(c) for c in refused)
 
 
+def test_register_a_warpgroup_tiles(monkeypatch):
+    """The register-A warpgroup kernel: 16 weight rows per warp in one or two warpgroups, a
+    power-of-two batch tile of 8-128, K in whole 128-value steps, stages that fit shared
+    memory, Hopper."""
+    from engine.kernels import matmul_4bit as mm
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(mm, "capability", lambda device: (9, 0))
+    config = mm.KernelConfig("wgmma_rs", 64, 64, 128, 2, 4, 3)
+    assert mm.fits(config, 100, 4096, cuda)  # rows past the tile: more tiles
+    assert mm.fits(mm.KernelConfig("wgmma_rs", 16, 128, 128, 1, 8, 2), 3, 11008, cuda)
+    assert not mm.fits(config, 100, 4160, cuda)  # 4160: not whole 128-value steps
+    refused = [
+        mm.KernelConfig("wgmma_rs", 64, 128, 128, 1, 4, 3),  # block_n != 16 * num_warps
+        mm.KernelConfig("wgmma_rs", 48, 64, 128, 1, 4, 3),  # not a power of two
+        mm.KernelConfig("wgmma_rs", 256, 64, 128, 1, 4, 3),  # more spills
+        mm.KernelConfig("wgmma_rs", 64, 64, 128, 1, 4, 1),  # no copy ahead
+        mm.KernelConfig("wgmma_rs", 128, 64, 128, 1, 4, 7),  # 7 x 38 KB of stages
+        mm.KernelConfig("wgmma_rs", 64, 64, 128, 1, 4, 3, w_left=False),
+    ]
+    assert not any(mm.fits(c, 64, 4096, cuda) for c in refused)
+    monkeypatch.setattr(mm, "capability", lambda device: (8, 0))  # warpgroup MMAs: sm_90
+    assert not mm.fits(config, 64, 4096, cuda)
+
+
 def test_register_mma_tiles(monkeypatch):
     """The register tensor-core kernel: 16 weight rows per warp, a power-of-two tile of 8-64 rows
     of x, Hopper."""

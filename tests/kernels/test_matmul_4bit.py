@@ -171,6 +171,11 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, w_left=True, decode_warps=4, tma=True),
             KernelConfig("wgmma", 128, 128, 64, 1, 4, 4, decode_warps=8, decode_tiles=3, tma=True),
             KernelConfig("wgmma", 64, 64, 128, 2, 4, 4, w_left=False, decode_warps=4, tma=True),
+            # The decoded weights as the MMAs' A operand from registers.
+            KernelConfig("wgmma_rs", 64, 64, 128, 1, 4, 4),
+            KernelConfig("wgmma_rs", 16, 64, 128, 4, 4, 3),
+            KernelConfig("wgmma_rs", 32, 128, 128, 2, 8, 5),
+            KernelConfig("wgmma_rs", 128, 128, 128, 1, 8, 3),
         ]
     return variants
 
@@ -191,7 +196,7 @@ def test_every_kernel_variant(quant_type, dtype):
                 m = min(config.block_m, 7)
             elif config.kernel == "mma":
                 m = config.block_m - 3  # rows that do not fill the tile
-            elif config.kernel == "wgmma" and config.w_left:
+            elif config.kernel in ("wgmma", "wgmma_rs") and config.w_left:
                 m = config.block_m + 3  # a second batch tile, ragged
             else:
                 m = 33
@@ -222,6 +227,7 @@ def test_larger_blocksizes(blocksize):
         (33, KernelConfig("wgmma", 64, 128, 64, 1, 4, 4, w_left=False)),
         (61, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True)),
         (64, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=8, tma=True)),
+        (37, KernelConfig("wgmma_rs", 64, 64, 128, 2, 4, 4)),
     ]
     for m, config in launches:
         if not fits(config, m, k, torch.device("cuda")):

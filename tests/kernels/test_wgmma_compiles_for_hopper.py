@@ -17,10 +17,14 @@ import pytest
 
 pytest.importorskip("triton.experimental.gluon")
 
-from engine.kernels.matmul_4bit import DECODE_REGS, TMA_REGS, KernelConfig  # noqa: E402
+from engine.kernels.matmul_4bit import (  # noqa: E402
+    DECODE_REGS,
+    HOPPER_SHARED_BYTES,
+    TMA_REGS,
+    KernelConfig,
+)
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
-HOPPER_SHARED_BYTES = 232448  # the most one program may allocate on sm_90
 
 
 def _launches() -> list[KernelConfig]:

@@ -1,0 +1,125 @@
+"""The register-A warpgroup kernel (`wgmma_rs_4bit.py`) compiled for sm_90 on this machine
+(Triton cross-compiles with its own ptxas; no GPU needed), for every launch the tuned table
+ships and a sample of the tuner's: each builds, fits shared memory, spills nothing, moves no
+decoded weight through shared memory, and leaves the registers its MMAs read alone until it has
+waited for them. ptxas does not: given the chance it hands an in-flight MMA's A registers to
+the next step's decode (seen as wrong results on an H100 once several programs shared an SM),
+so the kernel waits for each step's MMAs before decoding the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.experimental.gluon")
+
+from engine.kernels.matmul_4bit import HOPPER_SHARED_BYTES, KernelConfig  # noqa: E402
+
+TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
+
+
+def _launches() -> list[KernelConfig]:
+    shipped = {
+        KernelConfig(**config)
+        for config in json.loads(TUNED.read_text())["configs"].values()
+        if config["kernel"] == "wgmma_rs"
+    }
+    others = {
+        KernelConfig("wgmma_rs", 16, 64, 128, 4, 4, 2),
+        KernelConfig("wgmma_rs", 32, 128, 128, 2, 8, 4),
+        KernelConfig("wgmma_rs", 64, 64, 128, 1, 4, 3),
+        KernelConfig("wgmma_rs", 128, 128, 128, 1, 8, 3),
+    }
+    return sorted(shipped | others, key=str)
+
+
+def _compile(config: KernelConfig, k: int = 4096):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from engine.kernels.wgmma_rs_4bit import wgmma_rs_4bit_kernel
+
+    signature = {
+        "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
+        "out_ptr": "*bf16" if config.split_k == 1 else "*fp32", "M": "i32", "N": "i32",
+        "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_ok": "i32",
+        "stride_w": "i32", "stride_a": "i32",
+    }  # fmt: skip
+    aligned = (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)  # pointers, K and the strides
+    constants = dict(
+        BLOCKSIZE=64, X_FP16=False, BLOCK_M=config.block_m, SPLIT_K=config.split_k,
+        NUM_STAGES=config.num_stages, X_STRIDE=k,
+    )  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    source = GluonASTSource(wgmma_rs_4bit_kernel, signature, constants, attrs)
+    return triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+    )
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"Triton ships no {name} here")
+    return path
+
+
+def a_register_hazards(sass: str) -> list[str]:
+    """Instructions that write a register an MMA reads as its A operand before a wait for every
+    MMA in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)."""
+    in_flight: set[int] = set()
+    hazards = []
+    for line in sass.splitlines():
+        mma = re.search(r"HGMMA\S* R\d+, R(\d+),", line)
+        if mma:  # the A fragment: four consecutive registers from the one named
+            in_flight |= set(range(int(mma.group(1)), int(mma.group(1)) + 4))
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            in_flight.clear()
+        else:
+            dest = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?[A-Z][A-Z0-9.]*\s+R(\d+)\b", line)
+            if dest and int(dest.group(1)) in in_flight:
+                hazards.append(line.strip())
+    return hazards
+
+
+def test_the_hazard_check_sees_an_overwritten_a_register():
+    sass = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, R56, gdesc[UR8], R24, gsb0 ;
+        /*0110*/                   LEA R58, P6, R9, R134, 0x2 ;
+        /*0120*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0130*/                   LEA R56, P6, R9, R134, 0x2 ;
+    """
+    assert [line.split()[1] for line in a_register_hazards(sass)] == ["LEA"]
+    assert "R58" in a_register_hazards(sass)[0]
+
+
+@pytest.mark.parametrize("config", _launches(), ids=str)
+def test_register_a_launch_compiles_for_hopper(config, tmp_path):
+    kernel = _compile(config)
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    # The weights reach the MMAs from registers: the only shared stores are the copies'.
+    assert not re.search(r"\bst\.shared", ptx)
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run(
+        [str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
+    sass = subprocess.run(
+        [str(_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    mmas = [line for line in sass.splitlines() if "HGMMA" in line]
+    assert mmas and all(re.search(r"HGMMA\S* R\d+, R\d+,", line) for line in mmas)
+    assert not a_register_hazards(sass)
