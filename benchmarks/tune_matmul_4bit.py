@@ -116,9 +116,10 @@ def _all_candidates(m: int) -> list[KernelConfig]:
             if m >= 64:
                 out.append(KernelConfig("wgmma", 64, bn, bk, split, 4, stages, w_left=False, **tma))
     # Hopper: warpgroup MMAs with the decoded weights in registers (16 rows a warp), the batch
-    # as the MMAs' N, up to 128 rows a tile.
-    if m >= 16:
-        rs_bm = min(triton.next_power_of_2(m), 128)
+    # as the MMAs' N (at 128 and 256 rows a first version was far slower than the staged
+    # kernels: benchmarks/results/trials/wgmma_rs_first_run_h100.json).
+    if 16 <= m <= 64:
+        rs_bm = triton.next_power_of_2(m)
         for warps, split, stages in itertools.product((4, 8), splits, (2, 3, 4, 5)):
             out.append(KernelConfig("wgmma_rs", rs_bm, 16 * warps, 128, split, warps, stages))
     # At most 128 fp32 accumulators per thread: more spill.

@@ -3,13 +3,13 @@ operand is each lane's own decoded fragment (`fragment_4bit.py`) and whose B ope
 tile in shared memory, so no decoded weight touches shared memory.
 
 The plain warpgroup kernel (`wgmma_4bit.py`) writes every decoded weight to a shared-memory tile
-and has the MMA read it back, beside x's tile: per 64 x 64 x 64 step about 36 KB of shared
-traffic, which at 64 rows is as much time as the tensor cores' own. Here a warp owns 16 weight
+and has the MMA read it back, beside x's tile: by count about 36 KB of shared-memory traffic per
+64 x 64 x 64 step, at 128 bytes a cycle about as long as the step's MMAs. Here a warp owns 16 weight
 rows, as in the register `mma.sync` kernel (`mma_4bit.py`): each lane's 16 bytes per row and
 step of 128 values decode straight into its part of the MMA's A fragment, in the K order the
 lanes hold them. x's tile meets them in that order: it is copied into shared memory 4 bytes (one
 pair of values) at a time, pair 16c + q of a step's 64 landing at pair 4q + c (`x_pair_offsets`).
-A weight row is the MMA's M (64 per warpgroup), the batch its N (8-256).
+A weight row is the MMA's M (64 per warpgroup), the batch its N (8-128 a tile).
 
 Per step each thread copies its weight bytes, their absmax and its share of x's tile with
 `cp.async` into a ring of NUM_STAGES stages, NUM_STAGES - 1 steps ahead, and waits for a step's
@@ -35,9 +35,12 @@ from engine.kernels.fragment_4bit import (
 
 @gluon.constexpr_function
 def x_pair_layout(block_m, num_warps):
-    """x's tile as int32 pairs [m, pair] as the threads copy it: a warp's lanes along one row's
-    64 pairs (each source read is 4 runs of 32 bytes), warps over rows."""
-    return gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+    """x's tile as int32 pairs [m, pair] as the threads copy it: lane (r, c) of a warp holds
+    pairs c, c + 4, ..., c + 60 of rows r, r + 8 * num_warps, ...: 16 consecutive source pairs
+    (16c + q for pair 4q + c), so a row's copies are one address plus immediates. (With a
+    warp's lanes along one row instead, each copy reading 4 runs of 32 bytes, the loop took 26
+    more instructions a step, an address per row, and 15 more registers.)"""
+    return gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
 
 
 @gluon.constexpr_function
@@ -70,13 +73,15 @@ def x_pair_offsets(M, X_STRIDE: gl.constexpr, BLOCK_M: gl.constexpr, LAYOUT: gl.
 
 @gluon.jit
 def _copy_step(
-    i, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_rows, x_offsets, x_ok,
+    i, n_steps, K, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_rows, x_offsets, x_ok,
     pid_k, SPLIT_K: gl.constexpr, BLOCKSIZE: gl.constexpr, BLOCK_M: gl.constexpr,
 ):  # fmt: skip
     """Start copying step i's weight words, absmax and x pairs into its stage. A step past the
-    program's last copies its last step's again (nothing reads it; no masks in the loop)."""
+    program's last copies its last step's again, or (a split with no steps) the first of K:
+    nothing reads it, and the loop needs no masks."""
     stage = i % w_staging.shape[0]
-    k = (pid_k + gl.minimum(i, n_steps - 1) * SPLIT_K) * STEP_VALUES
+    last = K // STEP_VALUES - 1
+    k = gl.maximum(gl.minimum(pid_k + gl.minimum(i, n_steps - 1) * SPLIT_K, last), 0) * STEP_VALUES
     async_copy.async_copy_global_to_shared(w_staging.index(stage), w_ptrs + k // 8)
     async_copy.async_copy_global_to_shared(s_staging.index(stage), s_ptrs + k // BLOCKSIZE)
     pair_layout: gl.constexpr = x_tile_layouts()[1]
@@ -130,7 +135,7 @@ def wgmma_rs_4bit_kernel(
     n_steps = (K // STEP_VALUES - pid_k + SPLIT_K - 1) // SPLIT_K
     for j in gl.static_range(NUM_STAGES - 1):
         _copy_step(
-            j, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_rows, x_offsets,
+            j, n_steps, K, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_rows, x_offsets,
             x_ok, pid_k, SPLIT_K, BLOCKSIZE, BLOCK_M,
         )  # fmt: skip
     for i in range(n_steps):
@@ -139,7 +144,7 @@ def wgmma_rs_4bit_kernel(
         # stage the next copy refills.
         gl.thread_barrier()
         _copy_step(
-            i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs,
+            i + NUM_STAGES - 1, n_steps, K, w_staging, s_staging, x_staging, w_ptrs, s_ptrs,
             x_rows, x_offsets, x_ok, pid_k, SPLIT_K, BLOCKSIZE, BLOCK_M,
         )  # fmt: skip
         stage = i % NUM_STAGES
