@@ -8,9 +8,7 @@ safe: then every HGMMA waits for its own end)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from engine.kernels.matmul_4bit import (  # noqa: E402
     TMA_REGS,
     KernelConfig,
 )
+from tests.kernels.hopper_sass import spill_free_sass  # noqa: E402
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
@@ -106,15 +105,6 @@ def _compile(config: KernelConfig):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _tool(name: str) -> Path:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if not os.access(path, os.X_OK):
-        pytest.skip(f"Triton ships no {name} here")
-    return path
-
-
 @pytest.mark.parametrize("config", _launches(), ids=str)
 def test_warpgroup_launch_compiles_for_hopper(config, tmp_path):
     kernel = _compile(config)
@@ -128,16 +118,7 @@ def test_warpgroup_launch_compiles_for_hopper(config, tmp_path):
         assert "mbarrier.try_wait" in ptx
     if config.tma:
         assert "cp.async.bulk.tensor" in ptx  # the loader's copies
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run(
-        [str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
-    sass = subprocess.run(
-        [str(_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
-    ).stdout
+    sass = spill_free_sass(kernel, tmp_path)
     mmas = [line for line in sass.splitlines() if "HGMMA" in line]
     # A step's BLOCK_K / 16 MMAs chain, the last one alone marked to be waited on.
     waited = sum("gsb0" in line for line in mmas)

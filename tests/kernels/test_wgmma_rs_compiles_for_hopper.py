@@ -9,9 +9,7 @@ so the kernel waits for each step's MMAs before decoding the next."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import pytest
 pytest.importorskip("triton.experimental.gluon")
 
 from engine.kernels.matmul_4bit import HOPPER_SHARED_BYTES, KernelConfig  # noqa: E402
+from tests.kernels.hopper_sass import spill_free_sass  # noqa: E402
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
@@ -64,15 +63,6 @@ def _compile(config: KernelConfig, k: int = 4096):
     )
 
 
-def _tool(name: str) -> Path:
-    import triton
-
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-    if not os.access(path, os.X_OK):
-        pytest.skip(f"Triton ships no {name} here")
-    return path
-
-
 def a_register_hazards(sass: str) -> list[str]:
     """Instructions that write a register an MMA reads as its A operand before a wait for every
     MMA in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)."""
@@ -110,16 +100,7 @@ def test_register_a_launch_compiles_for_hopper(config, tmp_path):
     assert "wgmma.mma_async" in ptx
     # The weights reach the MMAs from registers: the only shared stores are the copies'.
     assert not re.search(r"\bst\.shared", ptx)
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run(
-        [str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
-    sass = subprocess.run(
-        [str(_tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
-    ).stdout
+    sass = spill_free_sass(kernel, tmp_path)
     mmas = [line for line in sass.splitlines() if "HGMMA" in line]
     assert mmas and all(re.search(r"HGMMA\S* R\d+, R\d+,", line) for line in mmas)
     assert not a_register_hazards(sass)
