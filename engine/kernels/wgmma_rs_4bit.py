@@ -21,7 +21,11 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from engine.kernels.decode_4bit import load_code_table
 from engine.kernels.fragment_4bit import (
@@ -35,12 +39,15 @@ from engine.kernels.fragment_4bit import (
 
 @gluon.constexpr_function
 def x_pair_layout(block_m, num_warps):
-    """x's tile as int32 pairs [m, pair] as the threads copy it: lane (r, c) of a warp holds
-    pairs c, c + 4, ..., c + 60 of rows r, r + 8 * num_warps, ...: 16 consecutive source pairs
-    (16c + q for pair 4q + c), so a row's copies are one address plus immediates. (With a
-    warp's lanes along one row instead, each copy reading 4 runs of 32 bytes, the loop took 26
-    more instructions a step, an address per row, and 15 more registers.)"""
-    return gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
+    """x's tile as int32 pairs [m, pair] as the threads copy it. With 8 rows or more a warp:
+    lane (r, c) holds pairs c, c + 4, ..., c + 60 of rows r, r + 8 * num_warps, ...: 16
+    consecutive source pairs (16c + q for pair 4q + c), so a row's copies are one address plus
+    immediates. Fewer rows (8 a warp would copy some twice): a warp's lanes along one row's 64
+    pairs, each copy reading 4 runs of 32 bytes. (The first way, sm_90, 4 warps: 26 fewer loop
+    instructions a step than the second at 64 rows, 5 fewer at 32, 22 more at 16.)"""
+    if block_m >= 8 * num_warps:
+        return gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
+    return gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
 
 
 @gluon.constexpr_function
@@ -99,7 +106,8 @@ def wgmma_rs_4bit_kernel(
     NUM_STAGES: gl.constexpr, X_STRIDE: gl.constexpr,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T, 16 weight rows per warp;
-    K % 128 == 0, x's row stride even."""
+    K % 128 == 0. x's rows are X_STRIDE (K, even) apart, a compile-time constant; stride_xm is
+    not read (the signature is the other warpgroup kernels')."""
     W: gl.constexpr = gl.num_warps()
     gl.static_assert(NUM_STAGES >= 2, "copies run at least one step ahead")
     words: gl.constexpr = word_layout(W)
@@ -140,6 +148,7 @@ def wgmma_rs_4bit_kernel(
         )  # fmt: skip
     for i in range(n_steps):
         async_copy.wait_group(NUM_STAGES - 2)  # this thread's copies for step i have landed
+        fence_async_shared()  # ordered before the MMA's (async proxy) reads of x's tile
         # Every thread's have, and every warp has waited for the MMAs of step i - 1, whose
         # stage the next copy refills.
         gl.thread_barrier()

@@ -33,3 +33,58 @@ def spill_free_sass(kernel, tmp_path: Path) -> str:
     return subprocess.run(
         [str(tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
     ).stdout
+
+
+_DEST = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9._]*)\s+R(\d+)\b")
+_LOOP_START = re.compile(r"^(\.L_x_\d+):")
+
+
+def written_registers(line: str) -> list[int]:
+    """The registers a SASS instruction writes: its first operand when that is a register
+    (stores name an address there), two for 64-bit and wide results, four for 128-bit ones,
+    and one per matrix for `LDSM`."""
+    match = _DEST.search(line)
+    if not match or match.group(1).startswith(("ST", "RED", "ATOM")):
+        return []
+    op, first = match.group(1), int(match.group(2))
+    width = 1
+    if ".128" in op:
+        width = 4
+    elif ".64" in op or "WIDE" in op:
+        width = 2
+    elif op.startswith("LDSM") and op.rsplit(".", 1)[-1] in ("2", "4"):
+        width = int(op.rsplit(".", 1)[-1])
+    return list(range(first, first + width))
+
+
+def _scan(lines: list[str]) -> list[str]:
+    in_flight: set[int] = set()
+    hazards = []
+    for line in lines:
+        mma = re.search(r"HGMMA\S* R\d+, R(\d+),", line)
+        if mma:  # the A fragment: four consecutive registers from the one named
+            in_flight |= set(range(int(mma.group(1)), int(mma.group(1)) + 4))
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            in_flight.clear()
+        elif in_flight.intersection(written_registers(line)):
+            hazards.append(line.strip())
+    return hazards
+
+
+def a_register_hazards(sass: str) -> list[str]:
+    """Instructions that write a register a warpgroup MMA reads as its A operand before a wait
+    for every MMA in flight (`WARPGROUP.DEPBAR.LE gsb0, 0x0`), in program order and around
+    each loop (a loop's body read twice: an MMA left in flight at its end meets the writes at
+    its top)."""
+    lines = sass.splitlines()
+    hazards = _scan(lines)
+    for start, line in enumerate(lines):
+        label = _LOOP_START.match(line)
+        if not label:
+            continue
+        back = f"BRA `({label.group(1)})"
+        ends = [i for i in range(start + 1, len(lines)) if back in lines[i]]
+        if ends:
+            body = lines[start : ends[-1] + 1]
+            hazards += [h for h in _scan(body + body) if h not in hazards]
+    return hazards

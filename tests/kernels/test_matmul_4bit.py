@@ -239,6 +239,31 @@ def test_larger_blocksizes(blocksize):
         assert err < 4e-3, f"{config}, blocksize {blocksize}: relative error {err:.2e}"
 
 
+def test_register_a_warpgroup_edges():
+    """wgmma_rs where its clamps and launcher matter: N not a multiple of the block (rows past
+    N re-read the last row, never stored), splits with no steps (K = 256 over four splits), x a
+    column slice of a wider tensor (copied to rows K apart, the kernel's compile-time stride)."""
+    from engine.kernels.decode_4bit import code_table
+    from engine.kernels.matmul_4bit import KernelConfig, fits, matmul_4bit
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("warpgroup MMAs: Hopper only")
+    cases = [
+        ((1003, 4096), 37, KernelConfig("wgmma_rs", 64, 64, 128, 2, 4, 3), False),
+        ((512, 256), 16, KernelConfig("wgmma_rs", 16, 64, 128, 4, 4, 2), False),
+        ((4096, 4096), 33, KernelConfig("wgmma_rs", 32, 128, 128, 1, 8, 4), True),
+    ]
+    for (n, k), m, config, sliced in cases:
+        assert fits(config, m, k, torch.device("cuda"))
+        packed, absmax, code, weight = quantized(n, k, "nf4", True)
+        table = code_table(code, torch.device("cuda"))
+        x = torch.randn(m, 2 * k if sliced else k, device="cuda", dtype=torch.bfloat16)[:, :k]
+        expected = x.float() @ weight.float().T
+        out = matmul_4bit(x, packed, absmax, table, (n, k), 64, config)
+        err = (out.float() - expected).norm() / expected.norm()
+        assert err < 4e-3, f"{config} on {m}x{n}x{k}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_silu_and_mul_as_the_gemv_writes_equals_the_separate_kernel(dtype):
     """gate_up with SiLU-and-mul applied by the GEMV as it writes its output (each program's
