@@ -7,7 +7,9 @@ Candidates compile in parallel processes first (Triton's disk cache), then each 
 against bitsandbytes' dequantization (a wrong one is dropped) and timed with
 `graph_timing.time_in_graph` (CUDA graph replay, weights streamed from HBM as in a decode
 step) on NF4 weights of every Llama-2-7B linear layer. bitsandbytes' own matmul_4bit is a
-candidate too: where it wins, the engine uses it."""
+candidate too: where it wins, the engine uses it. So are the launches the current table names
+for a bucket, so a re-tune limited to some kernel kinds (`--kernels`) keeps a faster launch of
+another kind."""
 
 from __future__ import annotations
 
@@ -137,6 +139,22 @@ def _all_candidates(m: int) -> list[KernelConfig]:
     return [c for c in out if c.kernel not in hopper or fits(c, m, 4096, device)]
 
 
+def incumbents(table_path: Path | None, m: int) -> list[KernelConfig]:
+    """The fused launches a launch table names for bucket m (its bucket entry and per-layer
+    entries), measured beside the new candidates: a re-tune limited to some kernel kinds
+    (`--kernels`) then keeps a faster launch of another kind, and a hand edit (the table's
+    `edits`) stays where it still wins."""
+    if table_path is None:
+        return []
+    entries = json.loads(table_path.read_text())["configs"]
+    out = []
+    for key, entry in entries.items():
+        config = KernelConfig(**entry)
+        if key.split(":")[0] == str(m) and config.kernel != "bitsandbytes" and config not in out:
+            out.append(config)
+    return out
+
+
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
     """bitsandbytes' matmul_4bit per layer (ms), called as the engine's fallback calls it (a
     plain state over the de-nested fp32 absmax, engine/layers/quant/bitsandbytes.py): the bar a
@@ -195,11 +213,19 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
+    capability = torch.cuda.get_device_capability(device)
+    path = own_table_path(gpu, args.out_dir)
+    # This GPU's table, or the one it borrows from a GPU of its architecture until now.
+    previous = path if path.exists() else launch_table_path(gpu, capability)
     start = time.time()
+
+    def bucket_candidates(m: int) -> list[KernelConfig]:
+        new = candidates(m, args.kernels)
+        return new + [c for c in incumbents(previous, m) if c not in new]
 
     jobs = []
     for m in args.buckets:
-        for cfg in candidates(m, args.kernels):
+        for cfg in bucket_candidates(m):
             # One representative shape per K: Triton specializes on divisibility, not size.
             for n, k in {(4096, 4096), (4096, 11008)}:
                 jobs.append((m, (n, k), config_to_json(cfg)))
@@ -220,7 +246,7 @@ def main() -> None:
         }
         totals: dict[KernelConfig, float] = {}
         best: dict[str, tuple[float, KernelConfig]] = {}
-        for cfg in candidates(m, args.kernels):
+        for cfg in bucket_candidates(m):
             total = 0.0
             try:
                 for name, (n, k) in LLAMA2_7B.items():
@@ -276,11 +302,8 @@ def main() -> None:
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = own_table_path(gpu, args.out_dir)
-    capability = torch.cuda.get_device_capability(device)
-    # Re-tuning some buckets keeps the others' entries: this GPU's, or those it borrowed from a
-    # GPU of its architecture until now (which the new file replaces).
-    previous = path if path.exists() else launch_table_path(gpu, capability)
+    # Re-tuning some buckets keeps the others' entries: this GPU's, or those it borrowed (which
+    # the new file replaces).
     if previous is not None and set(args.buckets) != set(M_BUCKETS):
         kept = json.loads(previous.read_text())["configs"]
         retuned = {str(m) for m in args.buckets}
