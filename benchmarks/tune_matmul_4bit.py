@@ -219,13 +219,14 @@ def main() -> None:
     previous = path if path.exists() else launch_table_path(gpu, capability)
     start = time.time()
 
-    def bucket_candidates(m: int) -> list[KernelConfig]:
+    bucket_candidates = {}
+    for m in args.buckets:
         new = candidates(m, args.kernels)
-        return new + [c for c in incumbents(previous, m) if c not in new]
+        bucket_candidates[m] = new + [c for c in incumbents(previous, m) if c not in new]
 
     jobs = []
     for m in args.buckets:
-        for cfg in bucket_candidates(m):
+        for cfg in bucket_candidates[m]:
             # One representative shape per K: Triton specializes on divisibility, not size.
             for n, k in {(4096, 4096), (4096, 11008)}:
                 jobs.append((m, (n, k), config_to_json(cfg)))
@@ -246,7 +247,7 @@ def main() -> None:
         }
         totals: dict[KernelConfig, float] = {}
         best: dict[str, tuple[float, KernelConfig]] = {}
-        for cfg in bucket_candidates(m):
+        for cfg in bucket_candidates[m]:
             total = 0.0
             try:
                 for name, (n, k) in LLAMA2_7B.items():

@@ -8,7 +8,7 @@ value k has scale absmax[n * K / blocksize + k / blocksize]. A value is code[nib
 Bytes are decoded in registers, or in the GEMV from a byte table in shared memory
 (`decode_4bit`).
 
-Three kernels, named by `KernelConfig.kernel`:
+The kernels, named by `KernelConfig.kernel`:
 - "gemv" (`gemv_4bit.py`, Gluon): 1-8 rows of x; fp32 FMAs, each thread's 32-value sums scaled
   once. The weight bytes are the whole cost, so it streams them with wide loads and decodes
   each byte with one load from a table in shared memory.
@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.fragment_4bit import STEP_VALUES
 from engine.kernels.gemm_4bit import gemm_4bit_kernel
 from engine.kernels.gemv_4bit import gemv_4bit_kernel
 from engine.kernels.gpu_info import capability, sm_count
@@ -71,16 +72,17 @@ def _sum_splits(
 class KernelConfig:
     """One launch shape of one kernel, or "bitsandbytes": use bnb's own matmul here. Fields a
     kernel does not read keep their defaults (threads_n and warps_n: "gemv" only; w_left:
-    "gemm" and "wgmma")."""
+    "gemm" and "wgmma"; "wgmma_rs" reads block_m, split_k, num_warps and num_stages, and
+    wants block_n = 16 * num_warps)."""
 
     kernel: str  # "gemv", "mma", "gemm", "wgmma", "wgmma_rs" (Hopper) or "bitsandbytes"
     block_m: int = 0
     block_n: int = 0
-    block_k: int = 0  # gemm, wgmma: values of K per loop step
+    block_k: int = 0  # gemm, wgmma: values of K per loop step (wgmma_rs: 128 or 0, its step fixed)
     split_k: int = 1
     num_warps: int = 4
-    # gemm, wgmma: K steps of copies in flight. mma (two steps per iteration): 2 = as the
-    # iteration starts; 4 = the next iteration's requested before this one's are decoded.
+    # gemm, wgmma, wgmma_rs: K steps of copies in flight. mma (two steps per iteration): 2 = as
+    # the iteration starts; 4 = the next iteration's requested before this one's are decoded.
     num_stages: int = 2
     # gemv: how the program's block_n rows spread over a warp's threads and over warps (the rest
     # of each is along K); block_n / (threads_n * warps_n) rows live in each thread's registers.
@@ -246,7 +248,7 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     return config.kernel == "gemm"
 
 
-RS_STEP = 128  # wgmma_rs: K values per step (16 bytes per lane and weight row)
+RS_STEP = STEP_VALUES.value  # wgmma_rs: K values per step (16 bytes per lane and weight row)
 HOPPER_SHARED_BYTES = 232448  # the most shared memory one program may allocate on sm_90
 
 

@@ -11,6 +11,20 @@ from pathlib import Path
 import pytest
 
 
+def warpgroup_signature(split_k: int) -> tuple[dict[str, str], dict]:
+    """The warpgroup kernels' shared runtime arguments as `triton.compile` takes them (bf16 x;
+    fp32 partials when K is split), and the divisibility the launcher's arguments have (the
+    pointers, K and the strides: multiples of 16)."""
+    signature = {
+        "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
+        "out_ptr": "*bf16" if split_k == 1 else "*fp32", "M": "i32", "N": "i32", "K": "i32",
+        "stride_xm": "i32", "stride_om": "i32", "stride_ok": "i32", "stride_w": "i32",
+        "stride_a": "i32",
+    }  # fmt: skip
+    aligned = (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)
+    return signature, {(i,): [["tt.divisibility", 16]] for i in aligned}
+
+
 def tool(name: str) -> Path:
     import triton
 

@@ -21,7 +21,7 @@ from engine.kernels.matmul_4bit import (  # noqa: E402
     TMA_REGS,
     KernelConfig,
 )
-from tests.kernels.hopper_sass import spill_free_sass  # noqa: E402
+from tests.kernels.hopper_sass import spill_free_sass, warpgroup_signature  # noqa: E402
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
@@ -67,13 +67,7 @@ def _compile(config: KernelConfig):
     from engine.kernels.wgmma_ws_4bit import wgmma_ws_4bit_kernel
 
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    out = "*bf16" if config.split_k == 1 else "*fp32"
-    signature = {
-        "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
-        "out_ptr": out, "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-        "stride_om": "i32", "stride_ok": "i32", "stride_w": "i32", "stride_a": "i32",
-    }  # fmt: skip
-    aligned = (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)  # pointers, K and the strides
+    signature, attrs = warpgroup_signature(config.split_k)
     decode_regs, maxnreg = _decode_regs(config)
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=config.split_k,
@@ -93,11 +87,10 @@ def _compile(config: KernelConfig):
             torch.empty(bn, 2048, dtype=torch.uint8), [bn, bk // 2], packed_tile_layout(bk)
         )
         signature = {"x_desc": mangle_type(x), "w_desc": mangle_type(w), **signature}
-        aligned = tuple(i + 2 for i in aligned)
+        attrs = {(i + 2,): value for (i,), value in attrs.items()}
         constants["LOADER_REGS"] = TMA_REGS[config.decode_warps][1]
         kernel = wgmma_tma_4bit_kernel
     signature.update(dict.fromkeys(constants, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = GluonASTSource(kernel, signature, constants, attrs)
     options = {"num_warps": config.num_warps}
     if maxnreg:

@@ -17,7 +17,11 @@ import pytest
 pytest.importorskip("triton.experimental.gluon")
 
 from engine.kernels.matmul_4bit import HOPPER_SHARED_BYTES, KernelConfig  # noqa: E402
-from tests.kernels.hopper_sass import a_register_hazards, spill_free_sass  # noqa: E402
+from tests.kernels.hopper_sass import (  # noqa: E402
+    a_register_hazards,
+    spill_free_sass,
+    warpgroup_signature,
+)
 
 TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
 
@@ -44,19 +48,12 @@ def _compile(config: KernelConfig, k: int = 4096):
 
     from engine.kernels.wgmma_rs_4bit import wgmma_rs_4bit_kernel
 
-    signature = {
-        "x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "table_ptr": "*i32",
-        "out_ptr": "*bf16" if config.split_k == 1 else "*fp32", "M": "i32", "N": "i32",
-        "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_ok": "i32",
-        "stride_w": "i32", "stride_a": "i32",
-    }  # fmt: skip
-    aligned = (0, 1, 2, 3, 4, 7, 8, 9, 11, 12)  # pointers, K and the strides
+    signature, attrs = warpgroup_signature(config.split_k)
     constants = dict(
         BLOCKSIZE=64, X_FP16=False, BLOCK_M=config.block_m, SPLIT_K=config.split_k,
         NUM_STAGES=config.num_stages, X_STRIDE=k,
     )  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     source = GluonASTSource(wgmma_rs_4bit_kernel, signature, constants, attrs)
     return triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
