@@ -39,6 +39,7 @@ def _paged_decode(
     QUERY_GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
     NUM_SPLITS: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr = False,
+    FP16_DOTS: tl.constexpr = False,
 ):  # fmt: skip
     """NUM_SPLITS == 1: out gets the attention. Otherwise partial [seq, head, split, HEAD_DIM]
     gets each split's unnormalized sum and stats [seq, head, split, 2] its (max, denominator),
@@ -49,7 +50,10 @@ def _paged_decode(
     cache yet: each program rotates its query heads, and the program whose share holds
     position ctx - 1 rotates the key and writes both into slot_mapping's slot. Since nothing
     else in the step writes this layer's cache, a ROTARY program loads its first tile of keys
-    and values (all but the new token) before it waits for the kernel before it."""
+    and values (all but the new token) before it waits for the kernel before it. FP16_DOTS
+    (a bf16 query over an fp8 cache): the dots run in fp16, to which fp8 widens in one
+    conversion per value pair where bf16 takes a second, per value; that second conversion,
+    not the cache's bytes, bounded the bf16 dots over an fp8 cache."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,6 +124,8 @@ def _paged_decode(
             v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
         else:
             q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        if FP16_DOTS:  # clamped: a bf16 value past fp16's range would become inf
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
@@ -370,7 +376,9 @@ def paged_decode_attention(
         new.cos.stride(0), new.key.stride(0), new.value.stride(0),
         QUERY_GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=decode_tile(block_size), PRECISION=precision,
-        NUM_SPLITS=num_splits, ROTARY=rotary is not None, num_warps=4, **pdl_launch(q.device),
+        NUM_SPLITS=num_splits, ROTARY=rotary is not None,
+        FP16_DOTS=key_cache.element_size() == 1 and q.dtype == torch.bfloat16, num_warps=4,
+        **pdl_launch(q.device),
     )  # fmt: skip
     return out
 

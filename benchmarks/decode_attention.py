@@ -1,0 +1,130 @@
+"""Decode attention over the paged KV cache, side by side: the Triton kernel as the engine runs
+it in a decode step (`paged_decode_attention` with the step's rotary embedding and cache write
+fused in) over a bf16 cache and over fp8 ones (kv_cache_dtype), against PyTorch's SDPA over the
+gathered bf16 blocks (the portable path, without the rotary and the cache write).
+
+For each batch (Llama-2-7B's 32 heads, no GQA: each sequence reads its whole context's keys and
+values; contexts of 129-256 tokens, as the end-to-end benchmark's 128 + 128) it prints the time
+per call of one layer and the cache bytes read per second. An fp8 cache is timed twice: as it
+runs (the dots in fp16) and with the dots in bf16 (`FP16_DOTS=False`, what the kernel did
+before), so the run shows what the fp16 dots buy.
+
+    python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+import engine.kernels.paged_attention as paged_attention
+from engine.kernels.paged_attention import NewTokens, default_num_splits, paged_decode_attention
+
+BLOCK_SIZE = 16
+HEADS, HEAD_DIM = 32, 128
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
+                "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
+
+
+class _BF16Dots:
+    """`_paged_decode` launched with FP16_DOTS=False: the kernel's earlier bf16 dots."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **{**kwargs, "FP16_DOTS": False})
+
+
+def decode_step(batch: int, cache_dtype: torch.dtype, device: torch.device):
+    """A decode step's attention inputs over shuffled cache blocks: the kernel's call, the
+    portable path's call, and the bytes of cache the kernel reads."""
+    contexts = torch.randint(129, 257, (batch,)).tolist()
+    per_seq = -(-max(contexts) // BLOCK_SIZE)
+    num_blocks = batch * per_seq + 1
+    shape = (num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, device=device, dtype=torch.bfloat16).to(cache_dtype)
+    value_cache = torch.randn(shape, device=device, dtype=torch.bfloat16).to(cache_dtype)
+    tables = torch.randperm(num_blocks - 1, device=device)[: batch * per_seq].view(batch, -1)
+    lens = torch.tensor(contexts, device=device, dtype=torch.int32)
+    positions = lens.long() - 1
+    slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE
+    slots += positions % BLOCK_SIZE
+    angles = torch.arange(512, device=device)[:, None] * torch.rand(HEAD_DIM // 2, device=device)
+    q, k, v = torch.randn(3, batch, HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    new = NewTokens(positions, angles.cos(), angles.sin(), k.flatten(1), v.flatten(1), slots)
+    splits = default_num_splits(batch, HEADS, device, max(contexts), BLOCK_SIZE)
+    scale = HEAD_DIM**-0.5
+
+    def ours():
+        return paged_decode_attention(
+            q, key_cache, value_cache, tables, lens, scale, None, splits, rotary=new
+        )
+
+    def sdpa():  # the cached context gathered, one sequence padded to the longest
+        index = torch.arange(per_seq * BLOCK_SIZE, device=device)
+        rows = tables[:, index // BLOCK_SIZE] * BLOCK_SIZE + index % BLOCK_SIZE
+        keys = key_cache.flatten(0, 1)[rows].to(torch.bfloat16).transpose(1, 2)
+        values = value_cache.flatten(0, 1)[rows].to(torch.bfloat16).transpose(1, 2)
+        mask = (index[None, :] < lens[:, None])[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], keys, values, attn_mask=mask, scale=scale
+        )
+
+    cache_bytes = 2 * sum(contexts) * HEADS * HEAD_DIM * key_cache.element_size()
+    return ours, sdpa, cache_bytes, splits
+
+
+def microseconds(call) -> float:
+    """Median time per call; do_bench clears the L2 cache between calls, as a step's other
+    kernels would."""
+    return round(triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median") * 1e3, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    rows = []
+    for batch in args.batch_sizes:
+        for name, dtype in CACHE_DTYPES.items():
+            torch.manual_seed(batch)  # the same contexts for every cache type
+            ours, sdpa, cache_bytes, splits = decode_step(batch, dtype, device)
+            row = {"batch": batch, "cache": name, "splits": splits, "cache_MB": cache_bytes / 1e6}
+            row["ours_us"] = microseconds(ours)
+            row["ours_TB_s"] = round(cache_bytes / row["ours_us"] / 1e6, 2)
+            if dtype != torch.bfloat16:
+                plain = paged_attention._paged_decode
+                paged_attention._paged_decode = _BF16Dots(plain)
+                try:
+                    row["bf16_dots_us"] = microseconds(ours)
+                finally:
+                    paged_attention._paged_decode = plain
+                row["bf16_dots_over_ours"] = round(row["bf16_dots_us"] / row["ours_us"], 2)
+            row["sdpa_gathered_us"] = microseconds(sdpa)
+            row["sdpa_over_ours"] = round(row["sdpa_gathered_us"] / row["ours_us"], 2)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for batch in args.batch_sizes:
+        bf16 = next(r for r in rows if r["batch"] == batch and r["cache"] == "bf16")
+        for row in rows:
+            if row["batch"] == batch and row["cache"] != "bf16":
+                row["bf16_cache_over_ours"] = round(bf16["ours_us"] / row["ours_us"], 2)
+    if args.out:
+        result = {
+            "benchmark": "decode_attention", "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "block_size": BLOCK_SIZE,
+            "heads": HEADS, "head_dim": HEAD_DIM, "contexts": "129-256 tokens", "rows": rows,
+        }  # fmt: skip
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
