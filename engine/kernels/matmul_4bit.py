@@ -458,6 +458,14 @@ def _launch_mma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, c
     )  # fmt: skip
 
 
+def _warpgroup_grid(packed, m: int, n: int, config: KernelConfig) -> tuple[int, int, int]:
+    """The warpgroup kernels' grid, (N tiles, M tiles, K splits), once the packed weight is
+    known to start on 16 bytes (its copies are 16 bytes wide)."""
+    if packed.data_ptr() % 16:
+        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
+    return (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+
+
 def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:
     from engine.kernels.wgmma_4bit import wgmma_4bit_kernel  # Hopper-only module
 
@@ -465,9 +473,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
     # cp.async copies 16 bytes at a time: x's rows and the packed weight must start on 16 bytes.
     if x2.data_ptr() % 16 or x2.stride(0) % 8:
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    if packed.data_ptr() % 16:
-        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    grid = _warpgroup_grid(packed, m, n, config)
     args = (
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize,
@@ -499,9 +505,7 @@ def _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksi
     # copies' immediates): whole, aligned pairs, a contiguous row stride.
     if x2.data_ptr() % 4 or x2.stride(0) != k:
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    if packed.data_ptr() % 16:
-        raise ValueError("the warpgroup kernel needs the packed weight 16-byte aligned")
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    grid = _warpgroup_grid(packed, m, n, config)
     wgmma_rs_4bit_kernel[grid](
         x2, packed, absmax, table, target, m, n, k, x2.stride(0), n, stride_ok, k // 2,
         k // blocksize, BLOCKSIZE=blocksize, X_FP16=x2.dtype == torch.float16,
