@@ -1,7 +1,8 @@
 """Decode attention over the paged KV cache, side by side: the Triton kernel as the engine runs
-it in a decode step (`paged_decode_attention` with the step's rotary embedding and cache write
-fused in) over a bf16 cache and over fp8 ones (kv_cache_dtype), against PyTorch's SDPA over the
-gathered bf16 blocks (the portable path, without the rotary and the cache write).
+it in a decode step (`paged_decode_attention`; where the context is split, few sequences, with
+the step's rotary embedding and cache write fused in) over a bf16 cache and over fp8 ones
+(kv_cache_dtype), against PyTorch's SDPA over the gathered bf16 blocks (the portable path,
+without the rotary and the cache write).
 
 For each batch (Llama-2-7B's 32 heads, no GQA: each sequence reads its whole context's keys and
 values; contexts of 129-256 tokens, as the end-to-end benchmark's 128 + 128) it prints the time
@@ -63,8 +64,9 @@ def decode_step(batch: int, cache_dtype: torch.dtype, device: torch.device):
 
     def ours():
         return paged_decode_attention(
-            q, key_cache, value_cache, tables, lens, scale, None, splits, rotary=new
-        )
+            q, key_cache, value_cache, tables, lens, scale, None, splits,
+            rotary=new if splits > 1 else None,
+        )  # fmt: skip
 
     def sdpa():  # the cached context gathered, one sequence padded to the longest
         index = torch.arange(per_seq * BLOCK_SIZE, device=device)
