@@ -8,14 +8,17 @@ For each batch (Llama-2-7B's 32 heads, no GQA: each sequence reads its whole con
 values; contexts of 129-256 tokens, as the end-to-end benchmark's 128 + 128) it prints the time
 per call of one layer and the cache bytes read per second. An fp8 cache is timed twice: as it
 runs (the dots in fp16) and with the dots in bf16 (`FP16_DOTS=False`, what the kernel did
-before), so the run shows what the fp16 dots buy.
+before), so the run shows what the fp16 dots buy; `--launch-variants` also times other tiles,
+warp counts and register caps (LAUNCH_VARIANTS).
 
-    python benchmarks/decode_attention.py --out benchmarks/results/decode_attention_h200.json
+    python benchmarks/decode_attention.py --launch-variants \
+        --out benchmarks/results/decode_attention_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -31,15 +34,38 @@ CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
                 "fp8_e5m2": torch.float8_e5m2}  # fmt: skip
 
 
-class _BF16Dots:
-    """`_paged_decode` launched with FP16_DOTS=False: the kernel's earlier bf16 dots."""
+# Launches other than the shipped one, timed with --launch-variants: (tokens per tile, warps,
+# register cap). In an sm_90 compile the bf16 one-split launch takes 160 registers (three
+# programs an SM); capped at 128 it does not spill (four).
+LAUNCH_VARIANTS = {
+    "tile32": (32, 4, None), "maxnreg128": (64, 4, 128), "tile128_warps8": (128, 8, None),
+    "tile128_warps8_maxnreg128": (128, 8, 128),
+}  # fmt: skip
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+
+class _Overridden:
+    """`_paged_decode` with some launch arguments replaced."""
+
+    def __init__(self, kernel, overrides: dict):
+        self.kernel, self.overrides = kernel, overrides
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
-        return lambda *args, **kwargs: launch(*args, **{**kwargs, "FP16_DOTS": False})
+        return lambda *args, **kwargs: launch(*args, **{**kwargs, **self.overrides})
+
+
+@contextlib.contextmanager
+def launched_with(tile: int | None = None, **overrides):
+    """paged_decode_attention's kernel launched with `overrides` (FP16_DOTS=False: the bf16 dots
+    the kernel ran over an fp8 cache before; num_warps, maxnreg) and `tile` tokens per tile."""
+    kernel, decode_tile = paged_attention._paged_decode, paged_attention.decode_tile
+    paged_attention._paged_decode = _Overridden(kernel, overrides)
+    if tile is not None:
+        paged_attention.decode_tile = lambda block_size: tile
+    try:
+        yield
+    finally:
+        paged_attention._paged_decode, paged_attention.decode_tile = kernel, decode_tile
 
 
 def decode_step(batch: int, cache_dtype: torch.dtype, device: torch.device):
@@ -91,6 +117,7 @@ def microseconds(call) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--launch-variants", action="store_true", help="also LAUNCH_VARIANTS")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -103,13 +130,17 @@ def main() -> None:
             row["ours_us"] = microseconds(ours)
             row["ours_TB_s"] = round(cache_bytes / row["ours_us"] / 1e6, 2)
             if dtype != torch.bfloat16:
-                plain = paged_attention._paged_decode
-                paged_attention._paged_decode = _BF16Dots(plain)
-                try:
+                with launched_with(FP16_DOTS=False):
                     row["bf16_dots_us"] = microseconds(ours)
-                finally:
-                    paged_attention._paged_decode = plain
                 row["bf16_dots_over_ours"] = round(row["bf16_dots_us"] / row["ours_us"], 2)
+            if args.launch_variants:
+                expected = ours().float()
+                for variant, (tile, warps, maxnreg) in LAUNCH_VARIANTS.items():
+                    cap = {"maxnreg": maxnreg} if maxnreg else {}
+                    with launched_with(tile, num_warps=warps, **cap):
+                        row[f"{variant}_us"] = microseconds(ours)
+                        diff = (ours().float() - expected).abs().max().item()
+                    row[f"{variant}_max_abs_diff"] = round(diff, 4)
             row["sdpa_gathered_us"] = microseconds(sdpa)
             row["sdpa_over_ours"] = round(row["sdpa_gathered_us"] / row["ours_us"], 2)
             rows.append(row)
