@@ -1,14 +1,14 @@
 """Decode attention over the paged KV cache, side by side: the Triton kernel as the engine runs
 it in a decode step (`paged_decode_attention`; where the context is split, few sequences, with
 the step's rotary embedding and cache write fused in) over a bf16 cache and over fp8 ones
-(kv_cache_dtype), against PyTorch's SDPA over the gathered bf16 blocks (the portable path,
-without the rotary and the cache write).
+(kv_cache_dtype), against PyTorch's SDPA over the cache gathered token by token and widened to
+bf16 (a timing reference only: no rotary, no cache write).
 
 For each batch (Llama-2-7B's 32 heads, no GQA: each sequence reads its whole context's keys and
 values; contexts of 129-256 tokens, as the end-to-end benchmark's 128 + 128) it prints the time
-per call of one layer and the cache bytes read per second. An fp8 cache is timed twice: as it
-runs (the dots in fp16) and with the dots in bf16 (`FP16_DOTS=False`, what the kernel did
-before), so the run shows what the fp16 dots buy; `--launch-variants` also times other tiles,
+per call of one layer and the cache bytes read per second. An fp8 cache is also timed with each
+kind of dots, fp16 and bf16 (`FP16_DOTS`; the launcher takes fp16 for e4m3, bf16 for e5m2), so
+the run shows what the fp16 dots buy; `--launch-variants` also times other tiles,
 warp counts and register caps (LAUNCH_VARIANTS).
 
     python benchmarks/decode_attention.py --launch-variants \
@@ -35,7 +35,7 @@ CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn,
 
 
 # Launches other than the shipped one, timed with --launch-variants: (tokens per tile, warps,
-# register cap). In an sm_90 compile the one-split launch (batch 16 and up) takes 164 registers
+# register cap). In an sm_90 compile the one-split launch (batch 16 and up) takes 168 registers
 # over an fp8 cache, three programs an SM (128 over a bf16 one, four); capped at 128 it does not
 # spill.
 LAUNCH_VARIANTS = {
@@ -57,8 +57,8 @@ class _Overridden:
 
 @contextlib.contextmanager
 def launched_with(tile: int | None = None, **overrides):
-    """paged_decode_attention's kernel launched with `overrides` (FP16_DOTS=False: the bf16 dots
-    the kernel ran over an fp8 cache before; num_warps, maxnreg) and `tile` tokens per tile."""
+    """paged_decode_attention's kernel launched with `overrides` (FP16_DOTS, num_warps, maxnreg)
+    and `tile` tokens per tile."""
     kernel, decode_tile = paged_attention._paged_decode, paged_attention.decode_tile
     paged_attention._paged_decode = _Overridden(kernel, overrides)
     if tile is not None:
@@ -70,8 +70,8 @@ def launched_with(tile: int | None = None, **overrides):
 
 
 def decode_step(batch: int, cache_dtype: torch.dtype, device: torch.device):
-    """A decode step's attention inputs over shuffled cache blocks: the kernel's call, the
-    portable path's call, and the bytes of cache the kernel reads."""
+    """A decode step's attention inputs over shuffled cache blocks: the kernel's call, SDPA's
+    call, the bytes of cache the kernel reads and its split count."""
     contexts = torch.randint(129, 257, (batch,)).tolist()
     per_seq = -(-max(contexts) // BLOCK_SIZE)
     num_blocks = batch * per_seq + 1
@@ -79,8 +79,8 @@ def decode_step(batch: int, cache_dtype: torch.dtype, device: torch.device):
     key_cache = torch.randn(shape, device=device, dtype=torch.bfloat16).to(cache_dtype)
     value_cache = torch.randn(shape, device=device, dtype=torch.bfloat16).to(cache_dtype)
     tables = torch.randperm(num_blocks - 1, device=device)[: batch * per_seq].view(batch, -1)
-    lens = torch.tensor(contexts, device=device, dtype=torch.int32)
-    positions = lens.long() - 1
+    lens = torch.tensor(contexts, device=device)  # int64, as the engine passes them
+    positions = lens - 1
     slots = tables.gather(1, (positions // BLOCK_SIZE)[:, None])[:, 0] * BLOCK_SIZE
     slots += positions % BLOCK_SIZE
     angles = torch.arange(512, device=device)[:, None] * torch.rand(HEAD_DIM // 2, device=device)
@@ -130,10 +130,12 @@ def main() -> None:
             row = {"batch": batch, "cache": name, "splits": splits, "cache_MB": cache_bytes / 1e6}
             row["ours_us"] = microseconds(ours)
             row["ours_TB_s"] = round(cache_bytes / row["ours_us"] / 1e6, 2)
-            if dtype != torch.bfloat16:
-                with launched_with(FP16_DOTS=False):
-                    row["bf16_dots_us"] = microseconds(ours)
-                row["bf16_dots_over_ours"] = round(row["bf16_dots_us"] / row["ours_us"], 2)
+            if dtype != torch.bfloat16:  # both dots, whichever the launcher picks
+                for dots, fp16 in (("fp16_dots", True), ("bf16_dots", False)):
+                    with launched_with(FP16_DOTS=fp16):
+                        row[f"{dots}_us"] = microseconds(ours)
+                ratio = row["bf16_dots_us"] / row["fp16_dots_us"]
+                row["bf16_dots_over_fp16_dots"] = round(ratio, 2)
             if args.launch_variants:
                 expected = ours().float()
                 for variant, (tile, warps, maxnreg) in LAUNCH_VARIANTS.items():

@@ -51,9 +51,12 @@ def _paged_decode(
     position ctx - 1 rotates the key and writes both into slot_mapping's slot. Since nothing
     else in the step writes this layer's cache, a ROTARY program loads its first tile of keys
     and values (all but the new token) before it waits for the kernel before it. FP16_DOTS
-    (a bf16 query over an fp8 cache): the dots run in fp16, to which fp8 widens in one
-    conversion per value pair where bf16 takes a second, per value; that second conversion,
-    not the cache's bytes, bounded the bf16 dots over an fp8 cache."""
+    (a bf16 query over an e4m3 cache): the dots run in fp16, to which e4m3 widens in one
+    conversion per value pair, where bf16 takes a second conversion per value (e5m2 widens to
+    bf16 by bit operations, with none, and keeps the bf16 dots). Whether those conversions
+    bound the kernel over an fp8 cache is still to be measured (benchmarks/decode_attention.py).
+    The context length is taken as int32 (the engine passes int64): 37 fewer registers in the
+    one-split launch over an fp8 cache in an sm_90 compile."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,7 +66,7 @@ def _paged_decode(
     else:
         pdl_start(PDL)  # the kernel before wrote the new token's key and value
     # Graph inputs, written before the step's first kernel: safe to read before the wait.
-    ctx = tl.load(context_lens_ptr + seq)
+    ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
     first = ctx * 0  # ctx's integer type on both branches
     if sliding_window > 0:  # the query sits at position ctx - 1
         first = tl.maximum(ctx - sliding_window, 0)
@@ -124,8 +127,9 @@ def _paged_decode(
             v = tl.where(is_new, v_new[None, :].to(v.dtype), v)
         else:
             q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-        if FP16_DOTS:  # clamped: a bf16 value past fp16's range would become inf
-            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        if FP16_DOTS:  # clamped: a bf16 value past fp16's range would become inf (NaN stays)
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+            q = q.to(tl.float16)
         m_i = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
@@ -377,7 +381,7 @@ def paged_decode_attention(
         QUERY_GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=decode_tile(block_size), PRECISION=precision,
         NUM_SPLITS=num_splits, ROTARY=rotary is not None,
-        FP16_DOTS=key_cache.element_size() == 1 and q.dtype == torch.bfloat16, num_warps=4,
+        FP16_DOTS=key_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16, num_warps=4,
         **pdl_launch(q.device),
     )  # fmt: skip
     return out

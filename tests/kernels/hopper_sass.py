@@ -34,16 +34,23 @@ def tool(name: str) -> Path:
     return path
 
 
-def spill_free_sass(kernel, tmp_path: Path) -> str:
-    """The kernel's SASS, after asserting that it uses no stack or local memory (nothing
-    spills)."""
+def resource_usage(kernel, tmp_path: Path) -> str:
+    """cuobjdump's resource line of the compiled kernel (REG:n STACK:n SHARED:n LOCAL:n ..), and
+    the kernel's cubin written to tmp_path/kernel.cubin."""
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run(
+    return subprocess.run(
         [str(tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
+
+
+def spill_free_sass(kernel, tmp_path: Path) -> str:
+    """The kernel's SASS, after asserting that it uses no stack or local memory (nothing
+    spills)."""
+    usage = resource_usage(kernel, tmp_path)
     assert re.search(r"STACK:0\b", usage) and re.search(r"LOCAL:0\b", usage), usage
+    cubin = tmp_path / "kernel.cubin"
     return subprocess.run(
         [str(tool("nvdisasm")), "-c", str(cubin)], capture_output=True, text=True, check=True
     ).stdout

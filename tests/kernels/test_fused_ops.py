@@ -234,14 +234,65 @@ def test_decode_kernel_rotates_and_writes_the_new_token(
     if cache_dtype is None:
         assert torch.equal(kernel_cache[:, ~written], cache[:, ~written])
         assert close(kernel_cache[:, written], attn.kv_cache[:, written], dtype)
-    else:  # fp8 bytes compared as bytes; the new keys within one fp8 step (e5m2: 2 mantissa bits)
+    else:  # compared as bytes: all but the new keys, which may be one fp8 step apart
         raw, raw_before = kernel_cache.view(torch.uint8), cache.view(torch.uint8)
         assert torch.equal(raw[:, ~written], raw_before[:, ~written])
-        actual, wanted = kernel_cache.float()[:, written], attn.kv_cache.float()[:, written]
-        assert torch.allclose(actual, wanted, rtol=0.25, atol=1e-2)
+        assert torch.equal(raw[1, written], attn.kv_cache.view(torch.uint8)[1, written])
+        step = torch.finfo(cache_dtype).eps  # relative spacing: 1/8 e4m3, 1/4 e5m2
+        actual, wanted = kernel_cache[0].float()[written], attn.kv_cache[0].float()[written]
+        assert torch.allclose(actual, wanted, rtol=step, atol=1e-2)
     assert close(out[:-1], expected[:-1], dtype)
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
     assert torch.equal(qkv, torch.cat([q, k, v], dim=1))  # the inputs are left as they were
+
+
+@pytest.mark.parametrize(
+    "q_dtype,cache_dtype,fp16_dots",
+    [(torch.bfloat16, torch.float8_e4m3fn, True), (torch.bfloat16, torch.float8_e5m2, False),
+     (torch.float16, torch.float8_e4m3fn, False), (torch.float32, torch.float8_e4m3fn, False),
+     (torch.bfloat16, torch.bfloat16, False)],
+)  # fmt: skip
+def test_fp16_dots_only_for_a_bf16_query_over_an_e4m3_cache(
+    monkeypatch, q_dtype, cache_dtype, fp16_dots
+):
+    """The launcher runs the dots in fp16 (FP16_DOTS) for a bf16 query over an e4m3 cache and
+    nowhere else (e5m2 widens to bf16 without conversions), and the kernel then still gives the
+    attention over the widened cache, computed here in float64."""
+    import engine.kernels.paged_attention as paged_attention
+
+    seen = []
+    kernel = paged_attention._paged_decode
+
+    class Spy:  # the real kernel, its FP16_DOTS argument noted
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                seen.append(kwargs["FP16_DOTS"])
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(paged_attention, "_paged_decode", Spy())
+    torch.manual_seed(4)
+    lens = [40, 77]
+    cache = torch.randn(2, 12, 16, 2, 128, device=DEVICE).to(cache_dtype)
+    tables = torch.tensor([[3, 5, 7, 0, 0], [1, 2, 4, 6, 8]], device=DEVICE)
+    q = torch.randn(2, 4, 128, device=DEVICE).to(q_dtype)
+    out = paged_attention.paged_decode_attention(
+        q, cache[0], cache[1], tables, torch.tensor(lens, device=DEVICE), 128**-0.5, num_splits=1
+    )
+    assert seen == [fp16_dots]
+    if DEVICE.type != "cuda" and q_dtype == torch.bfloat16 and not fp16_dots:
+        return  # Triton's interpreter gets bf16 dots wrong (it gets fp16 and fp32 ones right)
+    expected = []
+    for seq, n in enumerate(lens):
+        slots = tables[seq, torch.arange(n) // 16] * 16 + torch.arange(n, device=DEVICE) % 16
+        k, v = (c.flatten(0, 1)[slots].double().repeat_interleave(2, dim=1) for c in cache)
+        scores = torch.einsum("hd,thd->ht", q[seq].double(), k) * 128**-0.5
+        expected.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v))
+    tolerance = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}[q_dtype]
+    assert torch.allclose(out.double(), torch.stack(expected), rtol=tolerance, atol=tolerance)
 
 
 def test_split_combine_over_many_launches():
