@@ -16,7 +16,8 @@ if [ "${TUNE:-0}" = 1 ] && [ "$kernels_ok" != 0 ]; then
   echo "kernel tests failed: not tuning"
 elif [ "${TUNE:-0}" = 1 ]; then
   python3 benchmarks/tune_matmul_4bit.py --out-dir engine/kernels/configs ${TUNE_ARGS:-} 2>&1 | grep -v OutOfResources | tail -30 | tee "$OUT/tune_matmul_4bit.log"
-  cp engine/kernels/configs/*.json "$OUT/"
+  # One archive of the tables and the measurements: a device run brings back at most 8 files.
+  tar czf "$OUT/tune_configs.tgz" -C engine/kernels/configs .
   python3 benchmarks/linear_4bit.py --out "$OUT/linear_4bit_h200.json" 2>&1 | tail -8 | tee "$OUT/linear_4bit.log"
 fi
 timeout 150 python3 -m pytest tests/engine/test_gpu.py tests/engine/test_gpu_kernels.py -q --tb=short \
