@@ -3,12 +3,22 @@ SASS, through the tools Triton ships (skipped where it ships none)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# The launch table whose launches these tests compile.
+TUNED_TABLE = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
+
+
+def shipped_entries(kernel: str) -> list[dict]:
+    """The entries of one kernel kind in the shipped H200 launch table, as stored."""
+    entries = json.loads(TUNED_TABLE.read_text())["configs"].values()
+    return [entry for entry in entries if entry["kernel"] == kernel]
 
 
 def warpgroup_signature(split_k: int) -> tuple[dict[str, str], dict]:

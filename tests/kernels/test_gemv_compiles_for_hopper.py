@@ -7,31 +7,28 @@ after the fill, and any other buffer used in the loop could be placed on top of 
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton.experimental.gluon")
 
-TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
+from tests.kernels.hopper_sass import shipped_entries  # noqa: E402
 
 
 def _shipped_gemv_shapes() -> list[tuple]:
     """(block_m, rows, threads_n, warps_n, num_warps, half_table, packed_fma, persistent,
     wide_table, pair_words, x_ahead) of every GEMV entry of the H200 table."""
     shapes = set()
-    for config in json.loads(TUNED.read_text())["configs"].values():
-        if config["kernel"] == "gemv":
-            rows = config["block_n"] // (config["threads_n"] * config["warps_n"])
-            shapes.add(
-                (config["block_m"], rows, config["threads_n"], config["warps_n"],
-                 config["num_warps"], config.get("half_table", False),
-                 config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0,
-                 config.get("wide_table", False), config.get("pair_words", False),
-                 config.get("x_ahead", False))
-            )  # fmt: skip
+    for config in shipped_entries("gemv"):
+        rows = config["block_n"] // (config["threads_n"] * config["warps_n"])
+        shapes.add(
+            (config["block_m"], rows, config["threads_n"], config["warps_n"],
+             config["num_warps"], config.get("half_table", False),
+             config.get("packed_fma", False), config.get("programs_per_sm", 0) > 0,
+             config.get("wide_table", False), config.get("pair_words", False),
+             config.get("x_ahead", False))
+        )  # fmt: skip
     return sorted(shapes)
 
 

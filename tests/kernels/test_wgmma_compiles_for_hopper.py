@@ -7,9 +7,7 @@ safe: then every HGMMA waits for its own end)."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -21,17 +19,15 @@ from engine.kernels.matmul_4bit import (  # noqa: E402
     TMA_REGS,
     KernelConfig,
 )
-from tests.kernels.hopper_sass import spill_free_sass, warpgroup_signature  # noqa: E402
-
-TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
+from tests.kernels.hopper_sass import (  # noqa: E402
+    shipped_entries,
+    spill_free_sass,
+    warpgroup_signature,
+)
 
 
 def _launches() -> list[KernelConfig]:
-    shipped = {
-        KernelConfig(**config)
-        for config in json.loads(TUNED.read_text())["configs"].values()
-        if config["kernel"] == "wgmma"
-    }
+    shipped = {KernelConfig(**entry) for entry in shipped_entries("wgmma")}
     others = {
         KernelConfig("wgmma", 64, 64, 64, 1, 4, 3, w_left=False),
         KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True),  # two warpgroups

@@ -8,9 +8,7 @@ so the kernel waits for each step's MMAs before decoding the next."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -19,19 +17,14 @@ pytest.importorskip("triton.experimental.gluon")
 from engine.kernels.matmul_4bit import HOPPER_SHARED_BYTES, KernelConfig  # noqa: E402
 from tests.kernels.hopper_sass import (  # noqa: E402
     a_register_hazards,
+    shipped_entries,
     spill_free_sass,
     warpgroup_signature,
 )
 
-TUNED = Path(__file__).parents[2] / "engine" / "kernels" / "configs" / "NVIDIA_H200.json"
-
 
 def _launches() -> list[KernelConfig]:
-    shipped = {
-        KernelConfig(**config)
-        for config in json.loads(TUNED.read_text())["configs"].values()
-        if config["kernel"] == "wgmma_rs"
-    }
+    shipped = {KernelConfig(**entry) for entry in shipped_entries("wgmma_rs")}
     others = {
         KernelConfig("wgmma_rs", 16, 64, 128, 4, 4, 2),
         KernelConfig("wgmma_rs", 32, 128, 128, 2, 8, 4),
