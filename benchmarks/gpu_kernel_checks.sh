@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On one GPU host: the kernel tests; with TUNE=1 then re-measure the fused 4-bit matmul (writes
 # engine/kernels/configs/<gpu>.json; TUNE_ARGS passes options, e.g. "--buckets 32 64 128
-# --kernels wgmma" re-tunes those buckets' warpgroup launches and keeps the rest) and time it per
-# layer against bitsandbytes and bf16; then the GPU engine tests on the table that ships.
+# --kernels wgmma" re-tunes those buckets' warpgroup launches and keeps the rest; "--twins"
+# measures the table's launches against their mma_in_flight twins) and time it per layer against
+# bitsandbytes and bf16; then the GPU engine tests on the table that ships.
 # Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}

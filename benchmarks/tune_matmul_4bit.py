@@ -9,11 +9,13 @@ against bitsandbytes' dequantization (a wrong one is dropped) and timed with
 step) on NF4 weights of every Llama-2-7B linear layer. bitsandbytes' own matmul_4bit is a
 candidate too: where it wins, the engine uses it. So are the launches the current table names
 for a bucket, so a re-tune limited to some kernel kinds (`--kernels`) keeps a faster launch of
-another kind."""
+another kind. `--twins` is a focused A/B: the table's launches against the same plain
+warpgroup launches with their MMAs kept in flight (`mma_in_flight`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -93,6 +95,7 @@ def _all_candidates(m: int) -> list[KernelConfig]:
         if m >= 32:
             bm = 16 * warps
             out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
+    out += [in_flight_twin(c) for c in out if c.kernel == "wgmma"]
     # Warp-specialized: decoder warps beside one MMA warpgroup, up to decode_tiles steps ahead
     # of it, copies num_stages - decode_tiles steps ahead.
     if m >= 16:
@@ -155,6 +158,29 @@ def incumbents(table_path: Path | None, m: int) -> list[KernelConfig]:
     return out
 
 
+def in_flight_twin(config: KernelConfig, num_stages: int | None = None) -> KernelConfig:
+    """The same plain warpgroup launch with each step's MMAs left in flight across the next
+    step's decode (`mma_in_flight`), at num_stages copy stages if given."""
+    return dataclasses.replace(
+        config, mma_in_flight=True, num_stages=num_stages or config.num_stages
+    )
+
+
+def twins(table_path: Path | None, m: int) -> list[KernelConfig]:
+    """`--twins`: the table's launches for bucket m and, for each plain warpgroup launch among
+    them, its in-flight twin at its own stage count and at 3, 4 and 6 (a focused A/B: a few
+    launches, where the full candidate list has hundreds)."""
+    table = incumbents(table_path, m)
+    out = list(table)
+    for config in table:
+        if config.kernel == "wgmma" and not config.decode_warps and not config.mma_in_flight:
+            for stages in (config.num_stages, 3, 4, 6):
+                twin = in_flight_twin(config, stages)
+                if twin not in out:
+                    out.append(twin)
+    return out
+
+
 def bnb_times(weights: dict, copies: dict, x: dict) -> dict[str, float]:
     """bitsandbytes' matmul_4bit per layer (ms), called as the engine's fallback calls it (a
     plain state over the de-nested fp32 absmax, engine/layers/quant/bitsandbytes.py): the bar a
@@ -210,6 +236,11 @@ def main() -> None:
     parser.add_argument("--buckets", type=int, nargs="+", default=list(M_BUCKETS))
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--kernels", nargs="+", help="only these kernel kinds (default: all)")
+    parser.add_argument(
+        "--twins", action="store_true",
+        help="measure the table's launches and their in-flight twins (mma_in_flight), and "
+        "of the full candidate list only the --kernels kinds, if named",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name(device)
@@ -221,6 +252,11 @@ def main() -> None:
 
     bucket_candidates = {}
     for m in args.buckets:
+        if args.twins:  # with --kernels, those kinds' candidates as well
+            pairs = twins(previous, m)
+            more = candidates(m, args.kernels) if args.kernels else []
+            bucket_candidates[m] = pairs + [c for c in more if c not in pairs]
+            continue
         new = candidates(m, args.kernels)
         bucket_candidates[m] = new + [c for c in incumbents(previous, m) if c not in new]
 
@@ -298,6 +334,7 @@ def main() -> None:
             kind += "-pairs" if cfg.pair_words else ""
             kind += f"-ws{cfg.decode_warps}x{cfg.decode_tiles}" if cfg.decode_warps else ""
             kind += "-tma" if cfg.tma else ""
+            kind += "-in-flight" if cfg.mma_in_flight else ""
             by_kind[kind] = min(by_kind.get(kind, float("inf")), total * 1e3)
         by_kind["bitsandbytes"] = sum(bnb_ms.values()) * 1e3
         print(f"m={m}: best per kernel {json.dumps({k: round(v, 1) for k, v in by_kind.items()})}")

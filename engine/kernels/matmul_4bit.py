@@ -121,6 +121,11 @@ class KernelConfig:
     # of as the step begins (more registers; faster where x is several rows: batch 2's o and
     # down, 16-22%; slower at batch 1).
     x_ahead: bool = False
+    # wgmma, not warp-specialized: each step's MMAs stay in flight while the next step's bytes
+    # are decoded and copies started, and are waited for as that step begins (else, waited for
+    # before the decode: the compiler then schedules the decode after the wait, and a program
+    # never decodes under its own MMAs; wgmma_4bit.py).
+    mma_in_flight: bool = False
 
 
 # Batch buckets: a config is chosen for the smallest bucket that holds M.
@@ -224,6 +229,8 @@ def fits(config: KernelConfig, m: int, k: int, device: torch.device) -> bool:
     ("bitsandbytes" does not)."""
     if config.x_ahead and config.kernel != "gemv":
         return False  # a GEMV switch
+    if config.mma_in_flight and (config.kernel != "wgmma" or config.decode_warps):
+        return False  # a switch of the plain warpgroup kernel
     if config.kernel == "gemv":
         if (config.wide_table or config.pair_words) and not config.packed_fma:
             return False
@@ -494,7 +501,7 @@ def _launch_wgmma(x2, packed, absmax, table, target, n, k, stride_ok, blocksize,
             DECODE_TILES=config.decode_tiles, maxnreg=maxnreg,
         )  # fmt: skip
     else:
-        wgmma_4bit_kernel[grid](*args, **tiles)
+        wgmma_4bit_kernel[grid](*args, **tiles, MMA_IN_FLIGHT=config.mma_in_flight)
 
 
 def _launch_wgmma_rs(x2, packed, absmax, table, target, n, k, stride_ok, blocksize, config) -> None:

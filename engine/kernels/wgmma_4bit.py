@@ -19,12 +19,19 @@ warning); a store to another tile does not (the two-tile trial below kept its MM
 Steps need NUM_STAGES >= 3 (step i+1's copies land while step i's stage is read).
 
 Within one program the decode does not in fact overlap the MMA: in the SASS of every shipped
-launch ptxas moves the wait for a step's MMAs up to just before the next step's decode. The
-overlap comes from the other programs on the SM (a 64-row launch uses 71 KB of shared memory:
-three fit). Two decoded tiles, with each step waiting only for the MMA before its own, did
-overlap them within a program, but the extra tile cost a program per SM and the launches were
-slower, 11-28% a layer at 64 rows; with fewer stages to keep three programs an SM, no faster
-(H100; README, "Per-layer linear time")."""
+launch ptxas moves the next step's decode (register-only work) below the wait for a step's
+MMAs. The overlap comes from the other programs on the SM (a 64-row launch uses 71 KB of shared
+memory: three fit). MMA_IN_FLIGHT (`mma_in_flight` in a config) moves the wait itself: each
+step's MMAs stay in flight across the next step's decode and copies and the loop's back edge,
+and are waited for as that step begins, just before its tile store. The SASS then has the
+decode between a step's last MMA and the wait (and the MMAs still chained; both checked by
+tests/kernels/test_wgmma_compiles_for_hopper.py); whether it is faster is for the tuner
+(`--twins`) to measure.
+
+Two decoded tiles, with each step waiting only for the MMA before its own, did overlap them
+within a program, but the extra tile cost a program per SM and the launches were slower,
+11-28% a layer at 64 rows; with fewer stages to keep three programs an SM, no faster (H100;
+README, "Per-layer linear time"). MMA_IN_FLIGHT gets that overlap with one tile."""
 
 from __future__ import annotations
 
@@ -100,11 +107,20 @@ def _mma_step(
     x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16: gl.constexpr,
     W_LAYOUT: gl.constexpr, PAIR_LAYOUT: gl.constexpr, W_LEFT: gl.constexpr,
     NUM_STAGES: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_K: gl.constexpr,
-    BLOCKSIZE: gl.constexpr,
+    BLOCKSIZE: gl.constexpr, MMA_IN_FLIGHT: gl.constexpr,
 ):  # fmt: skip
     """Step i, its bytes already decoded (`pairs`): store its weight tile and run its MMA;
     meanwhile wait for step i+1's bytes and decode them (returned); then start copying the step
-    NUM_STAGES - 1 ahead into the stage step i-1 read."""
+    NUM_STAGES - 1 ahead into the stage step i-1 read.
+
+    MMA_IN_FLIGHT: `acc` comes in with step i-1's MMAs still running and leaves with step i's;
+    they are waited for here, just before the tile they read is rewritten. Else they are waited
+    for once the decode is done, and ptxas, free to schedule register-only work past that wait,
+    moves the decode below it: then a program never decodes under its own MMAs."""
+    if MMA_IN_FLIGHT:
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        if gl.num_warps() > 4:
+            gl.thread_barrier()  # the other warpgroup's MMA reads the tile rewritten next
     w_pairs.store(pairs)
     fence_async_shared()
     # The tile and every thread's part of x's stage are written, and (each warpgroup having
@@ -116,9 +132,11 @@ def _mma_step(
         w_staging, s_staging, (i + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
         W_LAYOUT, PAIR_LAYOUT,
     )  # fmt: skip
-    acc = warpgroup_mma_wait(0, deps=[acc])
-    if gl.num_warps() > 4:
-        gl.thread_barrier()  # the other warpgroup's MMA reads the tile the next step rewrites
+    if not MMA_IN_FLIGHT:
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        if gl.num_warps() > 4:
+            gl.thread_barrier()  # the other warpgroup's MMA reads the tile the next step rewrites
+    # The stage these copies fill was last read by step i-1's MMAs, done either way.
     copy_step(
         i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
         x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
@@ -245,7 +263,7 @@ def wgmma_4bit_kernel(
     M, N, K, stride_xm, stride_om, stride_ok, stride_w, stride_a,
     BLOCKSIZE: gl.constexpr, X_FP16: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_K: gl.constexpr, SPLIT_K: gl.constexpr, W_LEFT: gl.constexpr,
-    NUM_STAGES: gl.constexpr,
+    NUM_STAGES: gl.constexpr, MMA_IN_FLIGHT: gl.constexpr = False,
 ):  # fmt: skip
     """out [SPLIT_K, M, N] (fp32 partials) or [M, N] = x [M, K] @ W^T; K % BLOCK_K == 0."""
     num_warps: gl.constexpr = gl.num_warps()
@@ -276,6 +294,8 @@ def wgmma_4bit_kernel(
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=accumulator)
     else:
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=accumulator)
+    if MMA_IN_FLIGHT:  # the loop carries the accumulator with its MMAs in flight
+        acc = warpgroup_mma_init(acc)
     n_steps = (K // BLOCK_K - pid_k + SPLIT_K - 1) // SPLIT_K
     for j in gl.static_range(NUM_STAGES - 1):
         copy_step(
@@ -291,7 +311,9 @@ def wgmma_4bit_kernel(
         pairs, acc = _mma_step(
             i, n_steps, pairs, acc, w_staging, s_staging, x_staging, w_tile, w_pairs, w_ptrs,
             s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout,
-            pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE,
+            pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE, MMA_IN_FLIGHT,
         )  # fmt: skip
+    if MMA_IN_FLIGHT:
+        acc = warpgroup_mma_wait(0, deps=[acc])
     async_copy.wait_group(0)  # no copy outlives the program
     store_out(acc, out_ptr, M, N, stride_om, stride_ok, accumulator, W_LEFT, BLOCK_M, BLOCK_N)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -113,6 +115,25 @@ def test_warpgroup_tiles_hopper_has():
         mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 2, w_left=True),
     ]
     assert not any(mm._wgmma_tiles(c) for c in refused)
+
+
+def test_mmas_in_flight_are_a_switch_of_the_plain_warpgroup_kernel(monkeypatch):
+    """`mma_in_flight` changes where the plain warpgroup kernel waits for its MMAs; a launch of
+    any other kernel (or the warp-specialized one) that asks for it is refused, not run without."""
+    from engine.kernels import matmul_4bit as mm
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(mm, "capability", lambda device: (9, 0))
+    plain = mm.KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False, mma_in_flight=True)
+    assert mm.fits(plain, 64, 4096, cuda)
+    refused = [
+        dataclasses.replace(plain, decode_warps=8),
+        mm.KernelConfig("wgmma_rs", 64, 64, 128, 2, 4, 3, mma_in_flight=True),
+        mm.KernelConfig("mma", 8, 64, 0, 2, 4, mma_in_flight=True),
+        mm.KernelConfig("gemv", 1, 16, mma_in_flight=True),
+        mm.KernelConfig("gemm", 16, 64, 64, 4, mma_in_flight=True),
+    ]
+    assert not any(mm.fits(c, 8, 4096, cuda) for c in refused)
 
 
 def test_register_a_warpgroup_tiles(monkeypatch):

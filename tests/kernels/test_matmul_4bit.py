@@ -156,6 +156,11 @@ def _kernel_variants() -> list:
             KernelConfig("wgmma", 64, 256, 64, 2, 8, 3, w_left=True),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 6, w_left=True),  # copies 5 steps ahead
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False),
+            # Each step's MMAs in flight while the next step decodes.
+            KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False, mma_in_flight=True),
+            KernelConfig("wgmma", 32, 64, 128, 4, 4, 3, w_left=True, mma_in_flight=True),
+            KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True, mma_in_flight=True),
+            KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=False, mma_in_flight=True),
             # Warp-specialized: decoder warps beside one MMA warpgroup.
             KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=4),
             KernelConfig("wgmma", 16, 64, 128, 4, 4, 3, w_left=True, decode_warps=8),
@@ -226,6 +231,7 @@ def test_larger_blocksizes(blocksize):
         (13, KernelConfig("mma", 16, 64, 0, 2, 4)),
         (33, KernelConfig("wgmma", 64, 128, 64, 1, 4, 4, w_left=False)),
         (61, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True)),
+        (45, KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False, mma_in_flight=True)),
         (64, KernelConfig("wgmma", 64, 128, 128, 2, 4, 4, w_left=True, decode_warps=8, tma=True)),
         (37, KernelConfig("wgmma_rs", 64, 64, 128, 2, 4, 4)),
     ]

@@ -25,3 +25,25 @@ def test_a_buckets_incumbents_are_its_fused_launches(tmp_path):
     assert incumbents(table, 32) == [wgmma]
     assert incumbents(table, 64) == []
     assert incumbents(None, 16) == []
+
+
+def test_twins_pair_each_plain_warpgroup_launch_with_its_mmas_in_flight(tmp_path):
+    """`--twins` measures the table's launches of a bucket and, for each plain warpgroup one,
+    the same launch with its MMAs kept in flight at its own stage count and at 3, 4 and 6;
+    other kinds (and the warp-specialized kernel, which has no such switch) get none."""
+    from benchmarks.tune_matmul_4bit import twins
+
+    plain = KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False)
+    ws = KernelConfig("wgmma", 64, 128, 128, 4, 4, 4, decode_warps=8)
+    mma = KernelConfig("mma", 16, 32, 0, 4, 2)
+    table = tmp_path / "GPU.json"
+    table.write_text(json.dumps({"configs": {
+        "64": config_to_json(plain), "64:4096x4096": config_to_json(ws),
+        "16": config_to_json(mma),
+    }}))  # fmt: skip
+    flying = [
+        KernelConfig("wgmma", 64, 64, 64, 1, 4, stages, w_left=False, mma_in_flight=True)
+        for stages in (6, 3, 4)
+    ]
+    assert twins(table, 64) == [plain, ws, *flying]
+    assert twins(table, 16) == [mma]

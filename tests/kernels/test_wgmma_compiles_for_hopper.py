@@ -7,6 +7,7 @@ safe: then every HGMMA waits for its own end)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -29,6 +30,7 @@ from tests.kernels.hopper_sass import (  # noqa: E402
 def _launches() -> list[KernelConfig]:
     shipped = {KernelConfig(**entry) for entry in shipped_entries("wgmma")}
     others = {
+        *_in_flight_launches(),
         KernelConfig("wgmma", 64, 64, 64, 1, 4, 3, w_left=False),
         KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True),  # two warpgroups
         KernelConfig("wgmma", 64, 128, 128, 1, 4, 6, w_left=False, decode_warps=8),
@@ -37,6 +39,18 @@ def _launches() -> list[KernelConfig]:
         KernelConfig("wgmma", 16, 64, 64, 4, 4, 6, decode_warps=4, tma=True),
     }
     return sorted(shipped | others, key=str)
+
+
+def _in_flight_launches() -> list[KernelConfig]:
+    """The shipped plain launches with their MMAs kept in flight, and two warpgroups so."""
+    shipped = [KernelConfig(**entry) for entry in shipped_entries("wgmma")]
+    twins = {
+        dataclasses.replace(config, mma_in_flight=True)
+        for config in shipped
+        if not config.decode_warps
+    }
+    twins.add(KernelConfig("wgmma", 128, 128, 64, 1, 8, 4, w_left=True, mma_in_flight=True))
+    return sorted(twins, key=str)
 
 
 def _decode_regs(config: KernelConfig) -> tuple[int, int | None]:
@@ -75,6 +89,7 @@ def _compile(config: KernelConfig):
         kernel = wgmma_4bit_kernel
         for name in ("DECODE_WARPS", "DECODE_REGS", "DECODE_TILES"):
             del constants[name]
+        constants["MMA_IN_FLIGHT"] = config.mma_in_flight
     if config.tma:  # the descriptors come first; their types name the blocks and layouts
         x = TensorDescriptor.from_tensor(
             torch.empty(bm, 4096, dtype=torch.bfloat16), [bm, bk], tile_layouts(bk)[0]
@@ -112,3 +127,33 @@ def test_warpgroup_launch_compiles_for_hopper(config, tmp_path):
     # A step's BLOCK_K / 16 MMAs chain, the last one alone marked to be waited on.
     waited = sum("gsb0" in line for line in mmas)
     assert mmas and waited * (config.block_k // 16) <= len(mmas), f"{waited} of {len(mmas)}"
+
+
+@pytest.mark.parametrize("config", _in_flight_launches(), ids=str)
+def test_in_flight_launches_decode_under_their_own_mmas(config, tmp_path):
+    """With mma_in_flight, every scaled pair of the next step (one packed multiply, HMUL2, per
+    pair) is computed between a step's last MMA and the wait for it: the program decodes while
+    its own MMAs run. (Waited for before the decode instead, ptxas moves the decode below the
+    wait; wgmma_4bit.py.)"""
+    body = _loop_body(spill_free_sass(_compile(config), tmp_path))
+    last_mma = max(i for i, op in enumerate(body) if op == "HGMMA")
+    pairs_per_thread = config.block_n * config.block_k // (2 * 32 * config.num_warps)
+    assert "WARPGROUP.DEPBAR" not in body[last_mma:]
+    assert body[last_mma:].count("HMUL2") == pairs_per_thread, body
+    assert body[:last_mma].count("WARPGROUP.DEPBAR") == 1  # the wait, as the step begins
+
+
+def _loop_body(sass: str) -> list[str]:
+    """The opcodes of the K loop: from the label before the first MMA to the branch back."""
+    label, body = None, []
+    for line in sass.splitlines():
+        if start := re.match(r"^(\.L_x_\d+):", line):
+            label, body = start.group(1), []
+        elif op := _OPCODE.search(line):
+            body.append(op.group(1))
+            if "HGMMA" in body and f"BRA `({label})" in line:
+                return body
+    raise AssertionError("no loop around the MMAs")
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.DEPBAR)?)")
