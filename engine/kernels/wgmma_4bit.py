@@ -23,7 +23,8 @@ launch ptxas moves the next step's decode (register-only work) below the wait fo
 MMAs. The overlap comes from the other programs on the SM (a 64-row launch uses 71 KB of shared
 memory: three fit). MMA_IN_FLIGHT (`mma_in_flight` in a config) moves the wait itself: each
 step's MMAs stay in flight across the next step's decode and copies and the loop's back edge,
-and are waited for as that step begins, just before its tile store. The SASS then has the
+and are waited for as that step begins, just before its tile store (and the copies ahead are
+started right after the MMAs are issued, not after the decode). The SASS then has the
 decode between a step's last MMA and the wait (and the MMAs still chained; both checked by
 tests/kernels/test_wgmma_compiles_for_hopper.py); whether it is faster is for the tuner
 (`--twins`) to measure.
@@ -114,9 +115,11 @@ def _mma_step(
     NUM_STAGES - 1 ahead into the stage step i-1 read.
 
     MMA_IN_FLIGHT: `acc` comes in with step i-1's MMAs still running and leaves with step i's;
-    they are waited for here, just before the tile they read is rewritten. Else they are waited
-    for once the decode is done, and ptxas, free to schedule register-only work past that wait,
-    moves the decode below it: then a program never decodes under its own MMAs."""
+    they are waited for here, just before the tile they read is rewritten, and the copies start
+    as soon as step i's MMAs are issued (the stage they fill was read by step i-1's, now done).
+    Else step i's are waited for once the decode is done, and ptxas, free to schedule
+    register-only work past that wait, moves the decode below it: then a program never decodes
+    under its own MMAs."""
     if MMA_IN_FLIGHT:
         acc = warpgroup_mma_wait(0, deps=[acc])
         if gl.num_warps() > 4:
@@ -127,7 +130,14 @@ def _mma_step(
     # waited for its own) every MMA of step i-1 is done.
     gl.thread_barrier()
     acc = start_mma(w_tile, x_staging.index(i % NUM_STAGES), warpgroup_mma_init(acc), W_LEFT)
-    async_copy.wait_group(NUM_STAGES - 3)  # this thread's copies for step i+1 have landed
+    if MMA_IN_FLIGHT:
+        copy_step(
+            i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs,
+            x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
+        )  # fmt: skip
+        async_copy.wait_group(NUM_STAGES - 2)
+    else:
+        async_copy.wait_group(NUM_STAGES - 3)  # this thread's copies for step i+1 have landed
     pairs = decode_stage(
         w_staging, s_staging, (i + 1) % NUM_STAGES, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16,
         W_LAYOUT, PAIR_LAYOUT,
@@ -136,11 +146,10 @@ def _mma_step(
         acc = warpgroup_mma_wait(0, deps=[acc])
         if gl.num_warps() > 4:
             gl.thread_barrier()  # the other warpgroup's MMA reads the tile the next step rewrites
-    # The stage these copies fill was last read by step i-1's MMAs, done either way.
-    copy_step(
-        i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs, x_ptrs,
-        x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
-    )  # fmt: skip
+        copy_step(
+            i + NUM_STAGES - 1, n_steps, w_staging, s_staging, x_staging, w_ptrs, s_ptrs,
+            x_ptrs, x_ok, pid_k, SPLIT_K, BLOCK_K, BLOCKSIZE,
+        )  # fmt: skip
     return pairs, acc
 
 
