@@ -95,7 +95,8 @@ def _all_candidates(m: int) -> list[KernelConfig]:
         if m >= 32:
             bm = 16 * warps
             out.append(KernelConfig("wgmma", bm, bn, bk, split, warps, stages, w_left=False))
-    out += [in_flight_twin(c) for c in out if c.kernel == "wgmma"]
+    # Each with its MMAs left in flight across the next step's decode, too.
+    out += [dataclasses.replace(c, mma_in_flight=True) for c in out if c.kernel == "wgmma"]
     # Warp-specialized: decoder warps beside one MMA warpgroup, up to decode_tiles steps ahead
     # of it, copies num_stages - decode_tiles steps ahead.
     if m >= 16:
@@ -158,24 +159,17 @@ def incumbents(table_path: Path | None, m: int) -> list[KernelConfig]:
     return out
 
 
-def in_flight_twin(config: KernelConfig, num_stages: int | None = None) -> KernelConfig:
-    """The same plain warpgroup launch with each step's MMAs left in flight across the next
-    step's decode (`mma_in_flight`), at num_stages copy stages if given."""
-    return dataclasses.replace(
-        config, mma_in_flight=True, num_stages=num_stages or config.num_stages
-    )
-
-
 def twins(table_path: Path | None, m: int) -> list[KernelConfig]:
     """`--twins`: the table's launches for bucket m and, for each plain warpgroup launch among
-    them, its in-flight twin at its own stage count and at 3, 4 and 6 (a focused A/B: a few
-    launches, where the full candidate list has hundreds)."""
+    them, the same launch at its own stage count and at 3, 4 and 6, each with its MMAs waited
+    for after the decode and left in flight across it (a focused A/B: a few launches, where the
+    full candidate list has hundreds)."""
     table = incumbents(table_path, m)
     out = list(table)
     for config in table:
-        if config.kernel == "wgmma" and not config.decode_warps and not config.mma_in_flight:
-            for stages in (config.num_stages, 3, 4, 6):
-                twin = in_flight_twin(config, stages)
+        if config.kernel == "wgmma" and not config.decode_warps:
+            for stages, in_flight in itertools.product((config.num_stages, 3, 4, 6), (False, True)):
+                twin = dataclasses.replace(config, num_stages=stages, mma_in_flight=in_flight)
                 if twin not in out:
                     out.append(twin)
     return out
@@ -253,7 +247,9 @@ def main() -> None:
     bucket_candidates = {}
     for m in args.buckets:
         if args.twins:  # with --kernels, those kinds' candidates as well
-            pairs = twins(previous, m)
+            if previous is None:
+                parser.error("--twins pairs the launches of a table, and this GPU has none")
+            pairs = [c for c in twins(previous, m) if fits(c, m, 4096, device)]
             more = candidates(m, args.kernels) if args.kernels else []
             bucket_candidates[m] = pairs + [c for c in more if c not in pairs]
             continue

@@ -322,7 +322,7 @@ def wgmma_4bit_kernel(
             s_ptrs, x_ptrs, x_ok, pid_k, t0, t1, t2, t3, t4, t5, t6, t7, X_FP16, w_layout,
             pairs_layout, W_LEFT, NUM_STAGES, SPLIT_K, BLOCK_K, BLOCKSIZE, MMA_IN_FLIGHT,
         )  # fmt: skip
-    if MMA_IN_FLIGHT:
-        acc = warpgroup_mma_wait(0, deps=[acc])
+    if MMA_IN_FLIGHT:  # the tiles the last MMAs read stay allocated until they are done
+        acc, _, _ = warpgroup_mma_wait(0, deps=[acc, w_tile, x_staging])
     async_copy.wait_group(0)  # no copy outlives the program
     store_out(acc, out_ptr, M, N, stride_om, stride_ok, accumulator, W_LEFT, BLOCK_M, BLOCK_N)

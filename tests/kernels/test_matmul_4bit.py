@@ -270,6 +270,35 @@ def test_register_a_warpgroup_edges():
         assert err < 4e-3, f"{config} on {m}x{n}x{k}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("mma_in_flight", [False, True])
+def test_plain_warpgroup_short_loops(mma_in_flight):
+    """The plain warpgroup kernel where its loop is shortest: fewer K steps than copy stages
+    (the prologue's copies past the last step copy nothing), one step, and splits with none
+    (K = 256 in two 128-value steps over four splits), one and two warpgroups, with each step's
+    MMAs waited for after the decode or left in flight across it."""
+    from engine.kernels.decode_4bit import code_table
+    from engine.kernels.matmul_4bit import KernelConfig, fits, matmul_4bit
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("warpgroup MMAs: Hopper only")
+    flight = dict(mma_in_flight=mma_in_flight)
+    cases = [
+        ((1003, 128), 45, KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False, **flight)),
+        ((512, 64), 45, KernelConfig("wgmma", 64, 64, 64, 1, 4, 3, w_left=False, **flight)),
+        ((512, 256), 20, KernelConfig("wgmma", 32, 64, 128, 4, 4, 3, w_left=True, **flight)),
+        ((640, 192), 9, KernelConfig("wgmma", 16, 128, 64, 2, 8, 4, w_left=True, **flight)),
+    ]
+    for (n, k), m, config in cases:
+        assert fits(config, m, k, torch.device("cuda"))
+        packed, absmax, code, weight = quantized(n, k, "nf4", True)
+        table = code_table(code, torch.device("cuda"))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        expected = x.float() @ weight.float().T
+        out = matmul_4bit(x, packed, absmax, table, (n, k), 64, config)
+        err = (out.float() - expected).norm() / expected.norm()
+        assert err < 4e-3, f"{config} on {m}x{n}x{k}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_silu_and_mul_as_the_gemv_writes_equals_the_separate_kernel(dtype):
     """gate_up with SiLU-and-mul applied by the GEMV as it writes its output (each program's

@@ -29,8 +29,8 @@ def test_a_buckets_incumbents_are_its_fused_launches(tmp_path):
 
 def test_twins_pair_each_plain_warpgroup_launch_with_its_mmas_in_flight(tmp_path):
     """`--twins` measures the table's launches of a bucket and, for each plain warpgroup one,
-    the same launch with its MMAs kept in flight at its own stage count and at 3, 4 and 6;
-    other kinds (and the warp-specialized kernel, which has no such switch) get none."""
+    the same launch at its own stage count and at 3, 4 and 6, with its MMAs kept in flight and
+    not; other kinds (and the warp-specialized kernel, which has no such switch) get none."""
     from benchmarks.tune_matmul_4bit import twins
 
     plain = KernelConfig("wgmma", 64, 64, 64, 1, 4, 6, w_left=False)
@@ -41,9 +41,10 @@ def test_twins_pair_each_plain_warpgroup_launch_with_its_mmas_in_flight(tmp_path
         "64": config_to_json(plain), "64:4096x4096": config_to_json(ws),
         "16": config_to_json(mma),
     }}))  # fmt: skip
-    flying = [
-        KernelConfig("wgmma", 64, 64, 64, 1, 4, stages, w_left=False, mma_in_flight=True)
+    paired = [
+        KernelConfig("wgmma", 64, 64, 64, 1, 4, stages, w_left=False, mma_in_flight=flying)
         for stages in (6, 3, 4)
+        for flying in (False, True)
     ]
-    assert twins(table, 64) == [plain, ws, *flying]
+    assert twins(table, 64) == [plain, ws, *paired[1:]]  # paired[0] is the table's own
     assert twins(table, 16) == [mma]
