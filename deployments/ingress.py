@@ -143,11 +143,21 @@ class OpenAIIngress:
             self._authorize(request)
         except OpenAIError as e:
             return error_response(e)
-        data = []
-        for name, server in self.servers.items():
-            info = await server.info.remote()
-            data.append({"id": name, "object": "model", "owned_by": "nibble", "created": 0} | info)
+        data = [await self._model_card(name) for name in self.servers]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model:path}")  # served names may hold slashes (hub ids)
+    async def model(self, model: str, request: Request):
+        try:
+            self._authorize(request)
+            self._server({"model": model})
+        except OpenAIError as e:
+            return error_response(e)
+        return await self._model_card(model)
+
+    async def _model_card(self, name: str) -> dict:
+        info = await self.servers[name].info.remote()
+        return {"id": name, "object": "model", "owned_by": "nibble", "created": 0} | info
 
     @app.get("/health")
     async def health(self):
@@ -174,6 +184,9 @@ class OpenAIIngress:
     async def _tokenizer_call(self, request: Request, method: str):
         try:
             body = await self._body(request)
-            return await getattr(self._server(body), method).remote(body)
+            result = await getattr(self._server(body), method).remote(body)
         except OpenAIError as e:
             return error_response(e)
+        if result["status"] != 200:
+            return JSONResponse(result["error"], status_code=result["status"])
+        return result["body"]

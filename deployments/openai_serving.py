@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import jinja2
 from pydantic import ValidationError
 
 from deployments.protocol import (
@@ -89,7 +90,11 @@ class OpenAIServing:
             else:
                 yield await self._complete(request, jobs, chat)
         except OpenAIError as e:  # after the head: the error travels in the body
-            yield sse(e.body()) if request.stream else {"status": e.status, "error": e.body()}
+            if request.stream:  # an error event, then the end of the stream, as vLLM ends it
+                yield sse(e.body())
+                yield DONE
+            else:
+                yield {"status": e.status, "error": e.body()}
 
     # Requests to jobs.
 
@@ -113,17 +118,21 @@ class OpenAIServing:
         for i, prompt in enumerate(request.prompts()):
             if isinstance(prompt, str):
                 text, ids = prompt, self.tokenizer.encode(prompt)
-            else:
-                text, ids = self.tokenizer.decode(prompt), list(prompt)
+            else:  # ids checked before the tokenizer sees them (it fails on negative ones)
+                text, ids = None, list(prompt)
             self._check_length(ids, request.max_tokens, "max_tokens")
             self._validate(ids, params)
+            text = self.tokenizer.decode(ids) if text is None else text
             jobs.append(Job(text, ids, params, i * request.n))
         return request, jobs
 
     def chat_completions(self, body: dict) -> tuple[ChatCompletionRequest, list[Job]]:
         request = parse(ChatCompletionRequest, body)
-        max_tokens = request.max_completion_tokens or request.max_tokens
-        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        given = request.max_completion_tokens is not None  # 0 is an error, not "unset"
+        max_tokens = request.max_completion_tokens if given else request.max_tokens
+        param = "max_completion_tokens" if given else "max_tokens"
+        if max_tokens is not None and max_tokens < 1:
+            raise bad_request(f"{param} must be an integer >= 1, got {max_tokens}", param)
         params = request.sampling_params(max_tokens, request.requested_logprobs())
         ids = self._apply_chat_template(request.conversation(), request.add_generation_prompt)
         self._check_length(ids, max_tokens, param)
@@ -133,12 +142,16 @@ class OpenAIServing:
     def _apply_chat_template(self, conversation, add_generation_prompt: bool) -> list[int]:
         if not self.tokenizer.chat_template:
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
-        ids = self.tokenizer.apply_chat_template(
-            conversation,
-            tokenize=True,
-            add_generation_prompt=add_generation_prompt,
-            return_dict=False,
-        )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                conversation,
+                tokenize=True,
+                add_generation_prompt=add_generation_prompt,
+                return_dict=False,
+            )
+        except jinja2.TemplateError as e:  # templates raise to refuse a conversation
+            message = f"the chat template refused these messages: {e}"
+            raise bad_request(message, "messages") from None
         return list(ids)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:

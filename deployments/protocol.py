@@ -64,6 +64,8 @@ class SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs=None):
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options needs stream=true", "stream_options")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -119,7 +121,7 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]  # "tool": refused later
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -136,11 +138,24 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[dict] | None = None  # the legacy form of tools
+    function_call: str | dict | None = None
     response_format: dict | None = None
 
     def conversation(self) -> list[dict[str, str]]:
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
+        # No tool calling: refused, not ignored (a tool call's arguments or a tool's result
+        # would otherwise vanish from the conversation the model sees).
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise bad_request(f"{name} are not supported", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise bad_request(f"{name} is not supported (no tool calling)", name)
+        for m in self.messages:
+            calls = getattr(m, "tool_calls", None) or getattr(m, "function_call", None)
+            if m.role == "tool" or calls:
+                raise bad_request("tool calls and tool messages are not supported", "messages")
         if self.response_format and self.response_format.get("type") != "text":
             raise bad_request("only response_format type 'text' is supported", "response_format")
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -148,6 +163,8 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 

@@ -59,6 +59,7 @@ class ModelServer:
             try:
                 batch = await self.group.poll_async(POLL_TIMEOUT_S)
             except WorkerGroupError as e:
+                logger.error("model %s: worker group failed: %s", self.args.name, e)
                 for queue in self._queues.values():
                     queue.put_nowait(e)
                 self._queues.clear()
@@ -95,8 +96,9 @@ class ModelServer:
                     item = queue.get_nowait()
                 if isinstance(item, WorkerGroupError):
                     self._count_error("workers_down")
+                    # The cause (a traceback, with paths) is in the log, not for clients.
                     raise OpenAIError(
-                        503, f"the model's workers failed: {item}", "service_unavailable"
+                        503, "the model's workers failed; retry shortly", "service_unavailable"
                     )
                 if isinstance(item, Exception):
                     raise item
@@ -127,10 +129,10 @@ class ModelServer:
             yield item
 
     async def tokenize(self, body: dict) -> dict:
-        return self.serving.tokenize(body)
+        return _status_or_error(self.serving.tokenize, body)
 
     async def detokenize(self, body: dict) -> dict:
-        return self.serving.detokenize(body)
+        return _status_or_error(self.serving.detokenize, body)
 
     async def info(self) -> dict:
         return {
@@ -158,3 +160,12 @@ class ModelServer:
         group = getattr(self, "group", None)
         if group is not None:
             group.shutdown()
+
+
+def _status_or_error(handler, body: dict) -> dict:
+    """A handler's response as {"status": 200, "body": ...} or {"status": 4xx, "error": ...}: an
+    exception raised in a replica reaches the ingress wrapped by Ray, not as an OpenAIError."""
+    try:
+        return {"status": 200, "body": handler(body)}
+    except OpenAIError as e:
+        return {"status": e.status, "error": e.body()}

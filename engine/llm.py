@@ -153,10 +153,18 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        bar.update()
+        try:
+            with tqdm(
+                total=len(request_ids), desc="Processed prompts", disable=not use_tqdm
+            ) as bar:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update()
+        except BaseException:  # a failed step or Ctrl-C: the next call starts from a clean engine
+            for request_id in request_ids:
+                if request_id not in finished:
+                    engine.abort_request(request_id)
+            raise
         return [finished[r] for r in request_ids]

@@ -183,7 +183,9 @@ class Sampler:
         logits = logits / temperature.unsqueeze(1)
         top_k = [s.params.top_k for s in seqs]
         if any(top_k):
-            k = to_device([t or logits.shape[1] for t in top_k], torch.long, device)
+            # As in vLLM, a top_k past the vocabulary keeps every token.
+            vocab = logits.shape[1]
+            k = to_device([min(t, vocab) if t else vocab for t in top_k], torch.long, device)
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = logits.softmax(dim=-1)

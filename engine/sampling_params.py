@@ -64,6 +64,10 @@ class SamplingParams:
             fail("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", "must be in (0, 1]")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63
+        ):
+            fail("seed", "must be a 64-bit signed integer")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             fail("top_k", "must be -1 or 0 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
@@ -76,10 +80,10 @@ class SamplingParams:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and self.logprobs < 0:
-            fail("logprobs", "must be >= 0")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            fail("prompt_logprobs", "must be >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                fail(name, "must be an integer >= 0")
         if any(not s for s in self.stop_strings):
             fail("stop", "must not contain empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -85,7 +85,10 @@ class Scheduler:
             seq = self.waiting[0]
             num_new = seq.num_tokens - seq.num_computed_tokens
             if num_new > budget:
-                if not self.enable_chunked_prefill:
+                # Without chunked prefill a prompt waits for a step it fits whole; but a
+                # preempted sequence recomputes its prompt and its output, which may fit no
+                # step, so that is split.
+                if not self.enable_chunked_prefill and num_new <= self.max_num_batched_tokens:
                     break
                 num_new = budget
             if not self.block_manager.can_allocate(seq, num_new):

@@ -27,6 +27,11 @@ def validate_request(
         raise ValueError("prompt must not be empty")
     if any(not 0 <= t < limits.vocab_size for t in prompt_token_ids):
         raise ValueError(f"prompt_token_ids must be in [0, {limits.vocab_size})")
+    # Counts of tokens the sampler picks from the vocabulary (top_k past it keeps them all).
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > limits.vocab_size:
+            raise ValueError(f"{name} must be <= the vocabulary size ({limits.vocab_size})")
     num = len(prompt_token_ids)
     if num >= limits.max_model_len:
         raise ValueError(

@@ -177,6 +177,105 @@ def test_errors_have_openai_shape(client, base_url):
     assert _stats(MODEL)["num_unfinished_requests"] == 0
 
 
+def test_more_bad_requests_are_openai_4xx_and_lose_nothing(client, base_url):
+    """Requests that once gave a 500, a silent default, or a crashed worker group."""
+    # top_k past the vocabulary (4096) keeps every token, as in vLLM; it once failed the step
+    # and took the model's workers down for every client.
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0.7, extra_body={"top_k": 5000}
+    )
+    assert out.choices[0].finish_reason == "length"
+    with httpx.Client(base_url=base_url) as http:
+        assert http.get("/health").status_code == 200
+        # Token ids are range-checked before the tokenizer (which fails on negative ones).
+        for prompt in ([-1, 5], [[5, 6], [-3]]):
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        # /tokenize and /detokenize errors keep their status through the replica.
+        for path, body in [
+            ("/tokenize", {"model": MODEL}),
+            ("/tokenize", {"model": MODEL, "prompt": "x", "extra": 1}),
+            ("/detokenize", {"model": MODEL, "tokens": [-1]}),
+            ("/detokenize", {"model": MODEL, "tokens": [99999]}),
+        ]:
+            r = http.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert http.get("/v1/models/nope").json()["error"]["param"] == "model"
+    assert client.models.retrieve(MODEL).id == MODEL
+    e = _error(lambda: client.models.retrieve("nope"))
+    assert e.status_code == 404
+    chat = [{"role": "user", "content": "hi"}]
+    e = _error(
+        lambda: client.chat.completions.create(model=MODEL, messages=chat, max_completion_tokens=0)
+    )
+    assert e.status_code == 400 and e.body["param"] == "max_completion_tokens"
+    e = _error(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=chat, logprobs=True, top_logprobs=25
+        )
+    )
+    assert e.status_code == 400 and e.body["param"] == "top_logprobs"
+    # No tool calling: every way of asking for it is refused, not silently dropped.
+    tool_turns = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"},
+        }]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]  # fmt: skip
+    for kwargs, param in [
+        (dict(tool_choice="required"), "tool_choice"),
+        (dict(extra_body={"functions": [{"name": "add"}]}), "functions"),
+        (dict(extra_body={"function_call": "auto"}), "function_call"),
+        (dict(messages=tool_turns), "messages"),
+    ]:
+        kwargs = {"messages": chat, **kwargs}
+        e = _error(lambda kw=kwargs: client.chat.completions.create(model=MODEL, **kw))
+        assert e.status_code == 400 and e.body["param"] == param, (param, e.body)
+    # Checked before the response starts, streamed or not.
+    for stream in (False, True):
+        e = _error(
+            lambda s=stream: client.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=2, seed=2**64, stream=s
+            )
+        )
+        assert e.status_code == 400 and e.body["param"] == "seed"
+    e = _error(
+        lambda: client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, stream_options={"include_usage": True}
+        )
+    )
+    assert e.status_code == 400 and e.body["param"] == "stream_options"
+    assert _stats(MODEL)["num_unfinished_requests"] == 0
+
+
+def test_a_chat_template_that_refuses_messages_is_a_400():
+    """Templates raise to refuse a conversation (roles that do not alternate, say): the client
+    gets a 400 naming the messages, not a 500."""
+    from deployments.openai_serving import OpenAIServing
+    from deployments.protocol import OpenAIError
+    from engine.model_files import load_tokenizer
+    from engine.validation import RequestLimits
+
+    tokenizer = load_tokenizer("benchmarks/demo_model/model")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    limits = RequestLimits(len(tokenizer), 1024, 4096, 16, 2048, True)
+    serving = OpenAIServing(MODEL, tokenizer, limits, generate=None)
+    body = {"model": MODEL, "messages": [{"role": "system", "content": "s"}, {"role": "user",
+            "content": "u"}]}  # fmt: skip
+    with pytest.raises(OpenAIError) as info:
+        serving.chat_completions(body)
+    assert info.value.status == 400 and info.value.param == "messages"
+    assert "must alternate" in info.value.message
+    body["messages"] = body["messages"][1:]
+    _, jobs = serving.chat_completions(body)  # an alternating conversation goes through
+    assert tokenizer.decode(jobs[0].prompt_ids) == "u"
+
+
 def _stats(model: str, app: str = "nibble") -> dict:
     return serve.get_deployment_handle(f"model:{model}", app_name=app).stats.remote().result()
 

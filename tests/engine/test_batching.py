@@ -69,6 +69,38 @@ def test_preemption_when_kv_cache_is_short(checkpoints, solo_tokens):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_preempted_sequence_longer_than_a_step_is_recomputed_in_chunks(checkpoints):
+    """Chunked prefill off, 32 tokens a step, 4 blocks of 16: b (a 30-token prompt) is preempted
+    once it holds more than 32 tokens, and recomputing its prompt and output fits no step whole.
+    It is recomputed in chunks (a waiting prompt is never split) and both get their solo
+    tokens."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = {"a": list(range(10, 30)), "b": list(range(40, 70))}
+    solo = _llm(checkpoints)
+    expected = {
+        name: solo.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        .outputs[0]
+        .token_ids
+        for name, ids in prompts.items()
+    }
+    llm = _llm(
+        checkpoints, num_gpu_blocks_override=4, enable_chunked_prefill=False,
+        max_num_batched_tokens=32,
+    )  # fmt: skip
+    engine = llm.llm_engine
+    for name, ids in prompts.items():
+        engine.add_request(name, None, params, prompt_token_ids=ids)
+    for _ in range(500):  # bounded: before the fix, b was never scheduled again
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                assert out.outputs[0].token_ids == expected[out.request_id], out.request_id
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.num_preemptions_total > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_max_num_seqs_bounds_the_batch(checkpoints, solo_tokens):
     llm = _llm(checkpoints, max_num_seqs=2)
     engine = llm.llm_engine

@@ -209,6 +209,10 @@ def test_incremental_detokenization_of_multibyte_text(checkpoints):
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens"),
         (dict(logprobs=-1), "logprobs"),
+        (dict(logprobs=2.5), "logprobs"),
+        (dict(prompt_logprobs=-2), "prompt_logprobs"),
+        (dict(seed=2**64), "seed"),
+        (dict(seed=1.5), "seed"),
         (dict(stop=[""]), "stop"),
     ],
 )
@@ -231,3 +235,49 @@ def test_invalid_prompts_raise_and_lose_nothing(llm):
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert llm.generate(["fine"], SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(llm):
+    """As in vLLM: a top_k larger than the vocabulary samples as if it were off (it once
+    indexed past the sorted logits and failed the step)."""
+    vocab = llm.llm_engine.limits.vocab_size
+    seeded = dict(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    wide = llm.generate([PROMPTS[0]], SamplingParams(top_k=vocab + 1000, **seeded), use_tqdm=False)
+    off = llm.generate([PROMPTS[0]], SamplingParams(**seeded), use_tqdm=False)
+    assert wide[0].outputs[0].token_ids == off[0].outputs[0].token_ids
+
+
+def test_logprobs_past_the_vocabulary_are_refused_before_running(llm):
+    engine = llm.llm_engine
+    vocab = engine.limits.vocab_size
+    for name in ("logprobs", "prompt_logprobs"):
+        params = SamplingParams(max_tokens=2, **{name: vocab + 1})
+        with pytest.raises(ValueError, match=rf"^{name} must be <= the vocabulary size"):
+            llm.generate([PROMPTS[0]], params, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    full = SamplingParams(max_tokens=2, logprobs=vocab)  # the whole vocabulary is allowed
+    assert len(llm.generate([PROMPTS[0]], full, use_tqdm=False)[0].outputs[0].logprobs[0]) >= vocab
+
+
+def test_a_failed_step_leaves_nothing_behind(llm, monkeypatch):
+    """A step that raises (a fault injected into the real engine's second step) aborts the
+    call's requests: their blocks are free and the next call runs as if nothing happened."""
+    engine = llm.llm_engine
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    expected = llm.generate([PROMPTS[1]], greedy, use_tqdm=False)
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(PROMPTS[:3], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    monkeypatch.setattr(engine, "step", real_step)
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    again = llm.generate([PROMPTS[1]], greedy, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
