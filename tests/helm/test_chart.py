@@ -50,12 +50,15 @@ def test_lints_without_errors(name):
 def test_kubernetes_manifests_validate(name):
     docs = render(VALUES[name])
     kinds = {d["kind"] for d in docs}
-    assert {"RayService", "Service", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    assert {"RayService", "PodMonitor", "PrometheusRule", "ConfigMap"} <= kinds
     for doc in docs:
         if doc["apiVersion"] in ("v1", "networking.k8s.io/v1"):
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
-    # The Ray pods: their templates are Kubernetes pod templates, validated as such.
     (service,) = by_kind(docs, "RayService")
+    # The endpoint's Service, which KubeRay creates from the RayService (its selector its own).
+    serve_service = {"apiVersion": "v1", "kind": "Service", **service["spec"]["serveService"]}
+    kubernetes_validate.validate(serve_service, KUBE_VERSION, strict=True)
+    # The Ray pods: their templates are Kubernetes pod templates, validated as such.
     cluster = service["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         template = {
@@ -95,10 +98,59 @@ def test_gpu_workers_secrets_and_security():
     assert env["NIBBLE_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "nibble-api-keys"
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
     head = cluster["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert head["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert "RAY_AUTH_MODE" not in json.dumps(service)  # Ray's token authentication stays on
-    assert by_kind(docs, "Ingress")[0]["spec"]["rules"][0]["host"] == "llm.example.com"
+    # KubeRay submits the Serve config through the dashboard, so it listens on the pod IP (no
+    # loopback override) behind Ray's token authentication, which KubeRay turns on.
+    assert "dashboard-host" not in head["rayStartParams"]
+    ports = {
+        p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert ports["dashboard"] == 8265 and ports["serve"] == 8000
+    assert cluster["authOptions"] == {"mode": "token"}
+    # The Ingress reaches the serving pods through the Service KubeRay keeps on the active
+    # cluster's ready proxies, not through a selector of the chart's own.
+    (ingress,) = by_kind(docs, "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "llm.example.com"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["spec"]["serveService"]["metadata"]["name"],
+                       "port": {"name": "serve"}}  # fmt: skip
+    assert service["spec"]["serveService"]["spec"]["ports"][0]["targetPort"] == 8000
+    assert not by_kind(docs, "Service")
+
+
+def test_ray_auth_can_name_a_secret_or_be_turned_off():
+    cluster = lambda values: by_kind(render(values), "RayService")[0]["spec"]["rayClusterConfig"]  # noqa: E731
+    assert cluster({"rayAuth": {"secretName": "ray-token"}})["authOptions"] == {
+        "mode": "token", "secretName": "ray-token",
+    }  # fmt: skip
+    assert "authOptions" not in cluster({"rayAuth": {"mode": "disabled"}})
+
+
+def test_worker_resources_and_names_render_for_any_values():
+    """GPU counts merge into requests and limits even when those are emptied; a pod smaller than
+    a replica's ranks is refused; a long release name still gives a RayService name KubeRay
+    accepts (at most 47 characters)."""
+    docs = render({"gpuWorkers": {"resources": {"requests": None, "limits": {"cpu": "4"}}}})
+    (service,) = by_kind(docs, "RayService")
+    container = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["resources"] == {
+        "requests": {"nvidia.com/gpu": "1"},  # null drops the defaults; a map merges into them
+        "limits": {"cpu": "4", "memory": "128Gi", "nvidia.com/gpu": "1"},
+    }  # fmt: skip
+    tp2 = {"models": [{"model": "m", "tensor_parallel_size": 2}]}
+    with pytest.raises(Exception, match="gpusPerWorker .1. is less than the largest"):
+        render({**tp2, "gpuWorkers": {"gpusPerWorker": 1}})
+    assert render({**tp2, "gpuWorkers": {"gpusPerWorker": 4}})
+    long = Chart.load(CHART).render({}, name="a" * 46, namespace="llm")
+    (service,) = [
+        doc
+        for path, text in long.items()
+        if path.endswith("rayservice.yaml")
+        for doc in yaml.safe_load_all(text)
+    ]
+    assert len(service["metadata"]["name"]) <= 47
 
 
 def test_monitoring_ships_the_same_files():

@@ -1,5 +1,6 @@
+{{/* 47 characters: KubeRay refuses longer RayService names (it derives longer ones). */}}
 {{- define "nibble.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "nibble.labels" -}}
@@ -10,16 +11,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
-{{/* GPUs per worker pod: given, or the largest tensor_parallel_size. */}}
+{{/* GPUs per worker pod: given (at least the largest tensor_parallel_size: a replica's ranks
+are packed into one pod), or that size. */}}
 {{- define "nibble.gpusPerWorker" -}}
-{{- if .Values.gpuWorkers.gpusPerWorker -}}
-{{- .Values.gpuWorkers.gpusPerWorker -}}
-{{- else -}}
 {{- $max := 1 -}}
 {{- range .Values.models -}}
 {{- $tp := int (default 1 .tensor_parallel_size) -}}
 {{- if gt $tp $max }}{{ $max = $tp }}{{ end -}}
 {{- end -}}
+{{- with .Values.gpuWorkers.gpusPerWorker -}}
+{{- if lt (int .) $max -}}
+{{- fail (printf "gpuWorkers.gpusPerWorker (%d) is less than the largest tensor_parallel_size (%d): a replica's ranks must fit in one pod" (int .) $max) -}}
+{{- end -}}
+{{- . -}}
+{{- else -}}
 {{- $max -}}
 {{- end -}}
 {{- end -}}
