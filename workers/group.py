@@ -60,6 +60,28 @@ def check_tensor_parallel_size(config: EngineConfig) -> None:
         )
 
 
+def rank_resources(
+    config: EngineConfig, cluster: dict[str, float], use_gpu: bool | None, num_cpus: float
+) -> dict[str, float]:
+    """What each rank's placement bundle asks for. A CUDA device named in the config (`cuda`,
+    `cuda:N`) always asks for GPUs, even where the cluster has none yet: an autoscaler (KubeRay's)
+    adds GPU nodes for the pending placement group, where choosing from what the cluster holds
+    at the moment would put the model on the head node's CPUs. With no device named, GPUs are
+    used where the cluster has them, else CPUs, and a group the cluster cannot hold fails at
+    once."""
+    size = config.tensor_parallel_size
+    named_cuda = (config.device or "").startswith("cuda")
+    if use_gpu is None:
+        use_gpu = named_cuda or (config.device is None and cluster.get("GPU", 0) > 0)
+    unit, need = ("GPU", size) if use_gpu else ("CPU", size * num_cpus)
+    have = cluster.get(unit, 0)
+    if have < need and not (use_gpu and named_cuda):
+        raise ValueError(
+            f"tensor_parallel_size={size} needs {need:g} {unit}s; the Ray cluster has {have:g}"
+        )
+    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": num_cpus}
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -76,18 +98,7 @@ class WorkerGroup:
         check_tensor_parallel_size(config)
         if not ray.is_initialized():
             ray.init()
-        resources = ray.cluster_resources()
-        if use_gpu is None:
-            use_gpu = resources.get("GPU", 0) > 0 and config.device in (None, "cuda")
-        unit, have = (
-            ("GPU", resources.get("GPU", 0)) if use_gpu else ("CPU", resources.get("CPU", 0))
-        )
-        need = size * (1 if use_gpu else num_cpus_per_worker)
-        if have < need:
-            raise ValueError(
-                f"tensor_parallel_size={size} needs {need:g} {unit}s; the Ray cluster has {have:g}"
-            )
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": num_cpus_per_worker}
+        bundle = rank_resources(config, ray.cluster_resources(), use_gpu, num_cpus_per_worker)
         self.placement_group = placement_group(
             [dict(bundle) for _ in range(size)], strategy=placement_strategy.value
         )
@@ -128,6 +139,7 @@ class WorkerGroup:
         # worker stopped (or died).
         self._loops = [self.workers[0].run_loop.remote()]
         self._loops += [w.follow.remote() for w in self.workers[1:]]
+        unit = "GPU" if "GPU" in bundle else "CPU"
         logger.info("worker group of %d ranks ready (%s)", size, unit)
 
     def submit(self, messages: list[AddRequest | AbortRequest]) -> None:

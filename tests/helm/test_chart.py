@@ -84,6 +84,9 @@ def test_serve_config_is_the_deployments_schema(name):
     assert [m.name for m in args.models] == [
         m.get("served_model_name", m["model"]) for m in expected
     ]
+    # On the GPU workers even before they are up (not on the head's CPUs), unless a model
+    # names its device.
+    assert [m.device for m in args.models] == [m.get("device", "cuda") for m in expected]
 
 
 def test_gpu_workers_secrets_and_security():

@@ -95,6 +95,29 @@ def test_invalid_sizes_fail_fast(checkpoints, tmp_path):
     assert time.monotonic() - start < 10
 
 
+def test_rank_resources_follow_the_named_device_not_the_clusters_moment():
+    """A config naming CUDA asks for GPUs even while the cluster has none (an autoscaler adds
+    GPU nodes for the pending placement group; KubeRay applies the Serve config before the GPU
+    pods are up), instead of landing on the head's CPUs; without a device named, what the
+    cluster holds decides, and a group it cannot hold fails at once."""
+    from engine.config import EngineConfig
+    from workers.group import rank_resources
+
+    def config(device):
+        return EngineConfig(model="m", tensor_parallel_size=2, device=device)
+
+    cpus_only, with_gpus = {"CPU": 8.0}, {"CPU": 8.0, "GPU": 4.0}
+    assert rank_resources(config("cuda"), cpus_only, None, 1.0) == {"GPU": 1, "CPU": 1}
+    assert rank_resources(config("cuda:1"), cpus_only, None, 1.0) == {"GPU": 1, "CPU": 1}
+    assert rank_resources(config(None), cpus_only, None, 1.0) == {"CPU": 1.0}
+    assert rank_resources(config(None), with_gpus, None, 1.0) == {"GPU": 1, "CPU": 1}
+    assert rank_resources(config("cpu"), with_gpus, None, 2.0) == {"CPU": 2.0}
+    with pytest.raises(ValueError, match=r"needs 2 GPUs; the Ray cluster has 1"):
+        rank_resources(config(None), {"CPU": 8.0, "GPU": 1.0}, None, 1.0)
+    with pytest.raises(ValueError, match=r"needs 10 CPUs; the Ray cluster has 8"):
+        rank_resources(config("cpu"), cpus_only, None, 5.0)
+
+
 def test_killed_worker_ends_requests_with_an_error_and_group_rebuilds(checkpoints):
     path = str(checkpoints("llama"))
     llm = LLM(model=path, quantization="bitsandbytes", tensor_parallel_size=2)

@@ -31,7 +31,14 @@ are packed into one pod), or that size. */}}
 
 {{/* The Serve config: the same schema as configs/*.yaml. */}}
 {{- define "nibble.serveConfig" -}}
-{{- $args := dict "models" .Values.models -}}
+{{- /* Models run on the GPU workers (device cuda unless a model names its own): chosen from
+what the cluster holds as a replica starts, they would land on the head's CPUs while the GPU
+pods are still coming up. */ -}}
+{{- $models := list -}}
+{{- range .Values.models -}}
+{{- $models = append $models (merge (deepCopy .) (dict "device" "cuda")) -}}
+{{- end -}}
+{{- $args := dict "models" $models -}}
 {{- if .Values.apiKeys.secretName }}{{ $_ := set $args "api_keys_env" "NIBBLE_API_KEYS" }}{{ end -}}
 applications:
   - name: nibble
