@@ -123,9 +123,11 @@ class ModelServer:
             yield item
 
     async def _counted(self, handler, body: dict) -> AsyncIterator[object]:
+        """Counts the client's invalid requests; a failed worker group is counted where it is
+        seen (`generate`), for streamed and whole responses alike, once."""
         async for item in self.serving.run(handler, body):
-            if isinstance(item, dict) and item.get("status", 200) >= 400:
-                self._count_error("invalid_request" if item["status"] < 500 else "workers_down")
+            if isinstance(item, dict) and 400 <= item.get("status", 200) < 500:
+                self._count_error("invalid_request")
             yield item
 
     async def tokenize(self, body: dict) -> dict:

@@ -14,7 +14,7 @@ def test_promtool_checks_the_rules():
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 rules found" in out.stdout
+    assert "5 rules found" in out.stdout
 
 
 def test_promtool_unit_tests_pass():
