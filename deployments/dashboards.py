@@ -26,12 +26,15 @@ def n(name: str, suffix: str = "") -> str:
     return SPEC_BY_NAME[name].prometheus_name + suffix
 
 
-def quantiles(name: str, by: str = "model_name") -> list[tuple[str, str]]:
+def quantiles(name: str, *by: str) -> list[tuple[str, str]]:
+    """p50/p95/p99 of a histogram, one series per value of the `by` labels (model_name)."""
+    by = by or ("model_name",)
     bucket = n(name, "_bucket")
+    legend = " ".join(f"{{{{{label}}}}}" for label in by)
     return [
         (
-            f"histogram_quantile({q}, sum by (le, {by}) (rate({bucket}[{RATE}])))",
-            f"p{int(q * 100)} {{{{{by}}}}}",
+            f"histogram_quantile({q}, sum by (le, {', '.join(by)}) (rate({bucket}[{RATE}])))",
+            f"p{int(q * 100)} {legend}",
         )
         for q in (0.5, 0.95, 0.99)
     ]
@@ -168,7 +171,11 @@ def engine() -> Dashboard:
         _base("nibble / Engine and workers", "nibble-engine")
         .with_row(Row("Steps"))
         .with_panel(
-            panel("Step time per rank", "s", quantiles("nibble_step_time_seconds", "tp_rank"))
+            panel(
+                "Step time per rank",
+                "s",
+                quantiles("nibble_step_time_seconds", "model_name", "tp_rank"),
+            )  # fmt: skip
         )
         .with_panel(panel("Sequences per step (mean)", "short", mean("nibble_batch_size")))
         .with_panel(panel("Tokens per step (mean)", "short", mean("nibble_step_tokens")))
