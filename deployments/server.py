@@ -78,17 +78,20 @@ class ModelServer:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; aborts it if the caller stops listening. The
         request was validated by OpenAIServing (and rank 0 rejects what cannot run)."""
-        if not self.group.healthy:
-            self._count_error("workers_down")
-            raise OpenAIError(503, "the model's workers are down", "service_unavailable")
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
+        try:
+            # Also finds a group that died while idle (no poll was running to notice).
+            self.group.submit([AddRequest(request_id, prompt, prompt_token_ids, params)])
+        except WorkerGroupError:
+            self._queues.pop(request_id, None)
+            self._count_error("workers_down")
+            raise OpenAIError(503, "the model's workers are down", "service_unavailable") from None
         self._ensure_pump()
         self._wakeup.set()
         finished = False
         try:
-            self.group.submit([AddRequest(request_id, prompt, prompt_token_ids, params)])
             while not finished:
                 item = await queue.get()
                 # A caller that fell behind gets the latest (cumulative) output in one piece.
@@ -107,7 +110,10 @@ class ModelServer:
         finally:
             self._queues.pop(request_id, None)
             if not finished and self.group.healthy:
-                self.group.submit([AbortRequest(request_id)])
+                try:
+                    self.group.submit([AbortRequest(request_id)])
+                except WorkerGroupError:
+                    pass  # the group is gone, and the request with it
 
     def _count_error(self, kind: str) -> None:
         metric("nibble_request_errors").inc(1, self.metrics_tags | {"error": kind})

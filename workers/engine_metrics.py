@@ -15,6 +15,13 @@ from engine.stats import StepStats
 GAUGE_REFRESH_S = 0.5
 
 
+_ENGINE_STATE_GAUGES = (
+    "nibble_num_requests_running",
+    "nibble_num_requests_waiting",
+    "nibble_kv_cache_usage_perc",
+)
+
+
 class EngineMetrics:
     def __init__(self, model_name: str, replica: str, tp_rank: int) -> None:
         self.model = {"model_name": model_name}
@@ -36,6 +43,14 @@ class EngineMetrics:
                 gauges = list(self._gauges.items())
             for (name, tags), value in gauges:
                 metric(name).set(value, dict(tags))
+
+    def forget_engine_state(self) -> None:
+        """The engine's loop failed: its running/waiting/cache gauges stop being re-set, so they
+        age out within seconds instead of showing the last state until the replica is
+        replaced (the load gauges stay: the weights were loaded)."""
+        with self._lock:
+            for key in [k for k in self._gauges if k[0] in _ENGINE_STATE_GAUGES]:
+                del self._gauges[key]
 
     def record_load(self, report: LoadReport) -> None:
         tags = self.rank | {"quantization": report.quantization}

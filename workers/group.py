@@ -7,6 +7,7 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -82,6 +83,11 @@ def rank_resources(
     return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": num_cpus}
 
 
+# A decode step takes milliseconds and a prefill chunk well under a second; the first steps may
+# compile kernels for a while. Five minutes without a step ending is a hung rank.
+STEP_STALL_S = 300.0
+
+
 class WorkerGroup:
     def __init__(
         self,
@@ -91,9 +97,12 @@ class WorkerGroup:
         num_cpus_per_worker: float = 1.0,
         ready_timeout_s: float = 600.0,
         metrics_labels: tuple[str, str] | None = None,
+        step_stall_s: float = STEP_STALL_S,
     ) -> None:
-        """metrics_labels: (model_name, replica) under which the workers export metrics."""
+        """metrics_labels: (model_name, replica) under which the workers export metrics.
+        step_stall_s: how long one step may run before the group is declared hung."""
         self.config = config
+        self.step_stall_s = step_stall_s
         size = config.tensor_parallel_size
         check_tensor_parallel_size(config)
         if not ray.is_initialized():
@@ -159,15 +168,23 @@ class WorkerGroup:
         """poll() for asyncio callers (the Serve model server)."""
         self.check_health()
         try:
-            batch = await self.workers[0].poll.remote(timeout_s)
-        except RayActorError as e:
-            self._fail(f"rank 0 stopped answering: {e}")
+            batch = await asyncio.wait_for(self.workers[0].poll.remote(timeout_s), timeout_s + 30)
+        except (RayActorError, asyncio.TimeoutError) as e:
+            self._fail(f"rank 0 stopped answering: {type(e).__name__} {e}")
         if batch.error:  # _checked then waits for a dead follower: not on the event loop
             return await asyncio.to_thread(self._checked, batch)
         return self._checked(batch)
 
     def _checked(self, batch: OutputBatch) -> OutputBatch:
-        """The batch, unless rank 0's loop failed or a worker died while it was gathered."""
+        """The batch, unless rank 0's loop failed, a worker died while it was gathered, or a
+        step has run for longer than step_stall_s (a hung rank: alive, so no loop ends, while
+        the others wait in a collective until its 10-minute timeout)."""
+        if batch.step_running_s > self.step_stall_s:
+            self._fail_if_down(self._loops[1:], 0)
+            self._fail(
+                f"a step has run for {batch.step_running_s:.0f} s (more than step_stall_s = "
+                f"{self.step_stall_s:.0f} s): a rank is hung"
+            )
         if batch.error:
             # A rank that dies mid-step breaks rank 0's collective first ("connection reset"):
             # name the dead rank, whose loop resolves moments later, rather than the symptom.
@@ -192,7 +209,7 @@ class WorkerGroup:
                 ray.get(done[0])
                 reason = "its loop ended"
             except Exception as e:  # noqa: BLE001 - any failure of the worker is reported
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                reason = _failure_reason(e)
             self._fail(f"worker rank {rank} is down ({reason})")
 
     def _fail(self, reason: str) -> None:
@@ -209,6 +226,19 @@ class WorkerGroup:
             remove_placement_group(self.placement_group)
             self.placement_group = None
         time.sleep(0)  # let Ray process the kills before a rebuild reuses the resources
+
+
+def _failure_reason(e: Exception) -> str:
+    """What made a worker's loop fail: the worker's own exception (a RayTaskError's first line
+    names only the task), else the actor's death."""
+    cause = getattr(e, "cause", None)
+    error = cause if isinstance(cause, BaseException) else e
+    text = _ANSI.sub("", str(error)).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _unwrap(call):

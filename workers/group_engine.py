@@ -47,6 +47,8 @@ class GroupEngine:
         first and sent to rank 0 as one message: its next step sees every one of them."""
         messages = []
         for request_id, prompt, params, prompt_token_ids in requests:
+            if request_id in self.unfinished or any(m.request_id == request_id for m in messages):
+                raise ValueError(f"request id {request_id!r} is already running")
             if prompt_token_ids is None:
                 prompt_token_ids = self.tokenizer.encode(prompt)
             self.validate_prompt(prompt_token_ids, params)
@@ -69,12 +71,16 @@ class GroupEngine:
         except Exception:
             self.unfinished.clear()
             raise
-        for request_id, reason in batch.rejected:
-            self.unfinished.discard(request_id)
-            raise ValueError(f"request {request_id} was rejected: {reason}")
+        # Every finished output is taken in before a rejection is raised: the batch is gone
+        # after this call, and a request dropped from it would wait forever.
         for output in batch.outputs:
             if output.finished:
                 self.unfinished.discard(output.request_id)
+        for request_id, _ in batch.rejected:
+            self.unfinished.discard(request_id)
+        if batch.rejected:
+            request_id, reason = batch.rejected[0]
+            raise ValueError(f"request {request_id} was rejected: {reason}")
         return batch.outputs
 
     def shutdown(self) -> None:

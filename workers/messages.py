@@ -41,3 +41,4 @@ class OutputBatch:
     outputs: list[RequestOutput]
     rejected: list[tuple[str, str]]  # (request_id, reason) refused when added
     error: str | None = None
+    step_running_s: float = 0.0  # how long the step in progress has run (0: none is)

@@ -50,6 +50,7 @@ class Worker:
         self._rejected: list[tuple[str, str]] = []
         self._has_output = threading.Condition()
         self._error: str | None = None
+        self._step_started: float | None = None  # monotonic start of the step in progress
         self._stopping = threading.Event()
 
     def address(self) -> tuple[str, int]:
@@ -108,7 +109,9 @@ class Worker:
         with self._has_output:
             if not (self._outbox or self._rejected or self._error):
                 self._has_output.wait(timeout_s)
-            batch = OutputBatch(self._outbox, self._rejected, self._error)
+            started = self._step_started
+            running = time.monotonic() - started if started is not None else 0.0
+            batch = OutputBatch(self._outbox, self._rejected, self._error, running)
             self._outbox, self._rejected = [], []
         return batch
 
@@ -120,7 +123,11 @@ class Worker:
                 busy = self._drain_inbox(block=not engine.has_unfinished_requests())
                 if engine.has_unfinished_requests():
                     busy = True
+                    # Watched from poll: a step that never ends is a hung rank (a collective
+                    # waits on it) that no loop's end would reveal.
+                    self._step_started = time.monotonic()
                     outputs = engine.step()
+                    self._step_started = None
                     if outputs:
                         with self._has_output:
                             self._outbox.extend(outputs)
@@ -131,6 +138,8 @@ class Worker:
             with self._has_output:
                 self._error = traceback.format_exc()
                 self._has_output.notify_all()
+            if self.metrics:
+                self.metrics.forget_engine_state()
             raise
         finally:
             if self.world_size > 1 and self._error is None:

@@ -68,3 +68,14 @@ def test_dead_worker_is_reported_and_rebuilt(base_url, serve_instance):
         # Serve notices through the replica's health check and starts a new worker group.
         _until(lambda: http.get("/health").status_code == 200, 180)
         assert http.post("/v1/completions", json=body).status_code == 200
+        # A group that dies while idle (no poll running to notice): the next request finds it,
+        # a 503 (it was a 500, and an empty 200 stream), and counts it.
+        before = _workers_down_count(serve_instance.metrics_port)
+        ray.kill(_worker(1), no_restart=True)
+        time.sleep(1)  # the kill lands; nothing asks the group meanwhile
+        failed = http.post("/v1/completions", json=body)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["error"]["type"] == "service_unavailable"
+        streamed = http.post("/v1/completions", json=body | {"stream": True}).text
+        assert '"service_unavailable"' in streamed and streamed.endswith("data: [DONE]\n\n")
+        _until(lambda: _workers_down_count(serve_instance.metrics_port) >= before + 2, 30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -171,6 +172,58 @@ def test_killed_worker_ends_the_async_poll_with_an_error_naming_it(checkpoints):
         llm.shutdown()
 
 
+def test_a_hung_rank_fails_the_group_once_a_step_outlasts_step_stall_s(checkpoints):
+    """A rank that hangs (stopped, not dead) ends no loop; rank 0 waits in a collective until its
+    10-minute timeout. The group fails once a step has run for step_stall_s (3 s here)."""
+    llm = LLM(model=str(checkpoints("llama")), quantization="bitsandbytes", tensor_parallel_size=2)
+    engine = llm.llm_engine
+    engine.group.step_stall_s = 3.0
+    engine.add_request(
+        "long", PROMPTS[2], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
+    while not engine.step():  # first outputs: the request is running
+        pass
+    pid = ray.get(engine.group.workers[1].pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerGroupError, match=r"a step has run for \d+ s .*a rank is hung"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 30 and not engine.group.healthy
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        llm.shutdown()
+
+
+def test_a_failing_follower_is_named_with_its_own_error_and_ids_are_unique(checkpoints):
+    """The group's error carries the follower's exception (a RayTaskError's first line names
+    only the task); and, as the single-process engine does, a request id in use is refused."""
+    llm = LLM(model=str(checkpoints("llama")), quantization="bitsandbytes", tensor_parallel_size=2)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    try:
+        engine.add_request("a", PROMPTS[0], params)
+        with pytest.raises(ValueError, match="request id 'a' is already running"):
+            engine.add_request("a", PROMPTS[1], params)
+        with pytest.raises(ValueError, match="request id 'b' is already running"):
+            engine.add_requests([("b", PROMPTS[0], params, None), ("b", PROMPTS[1], params, None)])
+
+        def fail_steps(worker) -> None:  # runs on rank 1 (nested: pickled by value)
+            def run(plan):
+                raise RuntimeError("injected failure on this rank")
+
+            worker.runner.run = run
+
+        ray.get(engine.group.workers[1].__ray_call__.remote(fail_steps))
+        own_error = r"rank 1 is down \(RuntimeError: injected failure on this rank\)"
+        with pytest.raises(WorkerGroupError, match=own_error):
+            while engine.has_unfinished_requests():
+                engine.step()
+    finally:
+        llm.shutdown()
+
+
 def test_a_generate_batch_reaches_rank_0_whole(checkpoints):
     """LLM.generate hands the group its prompts in one message, so rank 0's first step holds
     all of them; sent one by one, rank 0 starts stepping on the first while the rest arrive."""
@@ -197,3 +250,17 @@ def test_a_generate_batch_reaches_rank_0_whole(checkpoints):
     finally:
         llm.shutdown()
     assert sizes[0] == len(PROMPTS), sizes
+
+
+def test_a_failed_loop_stops_exporting_the_engines_last_state():
+    """Ray exports a gauge while it is re-set; after a failed step loop the running/waiting/cache
+    gauges are no longer re-set (they age out), while the load gauges stay."""
+    from workers.engine_metrics import EngineMetrics
+
+    metrics = EngineMetrics("m", "r", 0)
+    metrics._set("nibble_num_requests_running", 3, metrics.replica)
+    metrics._set("nibble_kv_cache_usage_perc", 0.5, metrics.replica)
+    load = metrics.rank | {"quantization": "bitsandbytes"}
+    metrics._set("nibble_model_weight_bytes", 10, load)
+    metrics.forget_engine_state()
+    assert [name for name, _ in metrics._gauges] == ["nibble_model_weight_bytes"]
