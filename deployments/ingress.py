@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front: authentication, body limits, routing by model name, and
 errors in OpenAI's JSON shape."""
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from deployments.protocol import OpenAIError, bad_request
 
 logger = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+HEALTH_WAIT_S = 2.0  # how long /health waits for a model's replicas (see health())
 app = FastAPI(title="nibble", docs_url=None, redoc_url=None)
 _OPEN_PATHS = {"/health", "/version"}
 
@@ -161,10 +163,30 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self):
-        down = [name for name, server in self.servers.items() if not await server.healthy.remote()]
+        """503 naming the models whose workers are down; 200 otherwise. A model whose replicas
+        have every request slot taken answers only once one frees, so after HEALTH_WAIT_S it is
+        reported `busy` (serving), not waited for: a probe must not time out under load. (A
+        dead group frees its slots at once, its requests failing; Serve's own health check,
+        which takes no slot, replaces its replica.)"""
+        results = await asyncio.gather(*(self._healthy(s) for s in self.servers.values()))
+        state = dict(zip(self.servers, results, strict=True))
+        down = [name for name, healthy in state.items() if healthy is False]
+        busy = [name for name, healthy in state.items() if healthy is None]
         if down:
             return JSONResponse({"status": "unhealthy", "down": down}, status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok"} | ({"busy": busy} if busy else {})
+
+    @staticmethod
+    async def _healthy(server: DeploymentHandle) -> bool | None:
+        """The model's health, or None if its replicas did not answer within HEALTH_WAIT_S."""
+
+        async def ask() -> bool:
+            return await server.healthy.remote()
+
+        try:
+            return await asyncio.wait_for(ask(), HEALTH_WAIT_S)
+        except (asyncio.TimeoutError, BackPressureError):
+            return None
 
     @app.get("/version")
     async def version(self):

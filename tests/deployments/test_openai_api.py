@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -343,3 +344,30 @@ def test_api_keys_body_limit_and_backpressure(secure_url):
         ]
         == 200
     )
+
+
+def test_health_answers_while_every_request_slot_is_taken(secure_url):
+    """/secure serves one request at a time (max_ongoing_requests=1): with it taken by a long
+    stream, /health answers within seconds, 200 with the model `busy`, not after the stream."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": "Bearer sk-test-key"}
+    with httpx.Client(base_url=secure_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # it is running
+            start = time.monotonic()
+            health = http.get("/health")
+            elapsed = time.monotonic() - start
+            assert health.status_code == 200 and health.json()["busy"] == [MODEL], health.text
+            assert elapsed < 6, elapsed
+    with httpx.Client(base_url=secure_url, timeout=60) as http:  # the slot is free again
+        assert _until_ok(lambda: http.get("/health").json() == {"status": "ok"})
+
+
+def _until_ok(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
