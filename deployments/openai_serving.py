@@ -269,21 +269,13 @@ class OpenAIServing:
             return sse(payload)
 
         holdback = max((len(s) for s in jobs[0].params.stop_strings), default=1) - 1
+        echo = not chat and request.echo
         for job in jobs:
             job.states = [ChoiceState() for _ in range(job.params.n)]
-            if not chat and request.echo:
-                for i in range(job.params.n):
-                    yield chunk(
-                        [
-                            {
-                                "index": job.first_index + i,
-                                "text": job.prompt_text or "",
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
         async for job, output in self._outputs(jobs):
+            if echo and job.final is None:  # the prompt first, with its logprobs (known now)
+                for i in range(job.params.n):
+                    yield chunk([self._echoed_prompt(job, output, job.first_index + i)])
             job.final = output
             for c in output.outputs:
                 state = job.states[c.index]
@@ -312,8 +304,10 @@ class OpenAIServing:
                     if c.logprobs is not None:
                         start = state.logprobs_sent
                         tokens = c.token_ids[start : start + len(new_logprobs)]
+                        # Offsets run on from the echoed prompt, as in the whole response.
+                        offset = state.text_sent + (len(job.prompt_text or "") if echo else 0)
                         choice["logprobs"] = self._completion_logprobs(
-                            new_logprobs, tokens, state.text_sent, job.params.logprobs
+                            new_logprobs, tokens, offset, job.params.logprobs
                         )
                 state.text_sent = end
                 state.logprobs_sent += len(new_logprobs)
@@ -322,6 +316,18 @@ class OpenAIServing:
         if request.include_usage:
             yield chunk([], self._usage(jobs))
         yield DONE
+
+    def _echoed_prompt(self, job: Job, first: RequestOutput, index: int) -> dict:
+        """A streamed completion's first chunk under `echo`: the prompt, with its logprobs when
+        logprobs were asked for (the whole response's prompt part)."""
+        logprobs = None
+        if job.params.logprobs is not None:
+            positions = first.prompt_logprobs or [None] * len(job.prompt_ids)
+            logprobs = self._completion_logprobs(positions, job.prompt_ids, 0, job.params.logprobs)
+        return {
+            "index": index, "text": job.prompt_text or "", "logprobs": logprobs,
+            "finish_reason": None,
+        }  # fmt: skip
 
     # Logprobs in OpenAI's two shapes. Each position holds the top-k tokens (ranks 1..k) and
     # the chosen token (whatever its rank).

@@ -114,6 +114,21 @@ def test_logprobs_and_echo(client):
     )
     assert echo.choices[0].text == PROMPT + r.choices[0].text
     assert echo.choices[0].logprobs.token_logprobs[0] is None
+    # Streamed, the same text and logprobs: the prompt's first, offsets running on past it.
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, echo=True, logprobs=1,
+            stream=True,
+        )
+    )  # fmt: skip
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for name in streamed:
+            streamed[name] += getattr(c.choices[0].logprobs, name) if c.choices[0].logprobs else []
+    assert "".join(c.choices[0].text for c in chunks) == echo.choices[0].text
+    whole = echo.choices[0].logprobs
+    assert streamed["tokens"] == whole.tokens and streamed["text_offset"] == whole.text_offset
+    assert streamed["token_logprobs"][1:] == pytest.approx(whole.token_logprobs[1:])
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
         logprobs=True, top_logprobs=2,
