@@ -12,7 +12,8 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from engine.config import DTYPES, EngineConfig
 from engine.layers.quant import QuantizationConfig, resolve_quant_config
-from engine.model_files import resolve_model_dir
+from engine.layers.quant.bitsandbytes import stored_blocksize
+from engine.model_files import resolve_model_dir, safetensors_files
 from engine.model_runner import ModelRunner
 
 
@@ -54,6 +55,14 @@ class ModelSpec:
         checkpoint_quant = getattr(hf_config, "quantization_config", None)
         if checkpoint_quant is not None and not isinstance(checkpoint_quant, dict):
             checkpoint_quant = checkpoint_quant.to_dict()
+        if (
+            checkpoint_quant is not None
+            and checkpoint_quant.get("quant_method") == "bitsandbytes"
+            and "bnb_4bit_blocksize" not in checkpoint_quant
+        ):  # transformers keeps the block size in each weight's quant_state only
+            blocksize = stored_blocksize(safetensors_files(model_dir))
+            if blocksize is not None:
+                checkpoint_quant = {**checkpoint_quant, "bnb_4bit_blocksize": blocksize}
         quant_config = resolve_quant_config(
             checkpoint_quant, quantization, config.quantization_config
         )

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from engine.config import DTYPES
+from engine.layers.quant.bitsandbytes import skipped_by
 from engine.model_files import safetensors_files
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,7 @@ def quantize_checkpoint(
             for name in f.keys():
                 tensor = f.get_tensor(name)
                 module = name.removesuffix(".weight")
-                if QUANTIZED.search(name) and not any(
-                    module.endswith(s) or f".{s}." in name for s in skip
-                ):
+                if QUANTIZED.search(name) and not skipped_by(module, skip):
                     packed, state = bnbF.quantize_4bit(
                         tensor.to(device), blocksize=blocksize, compress_statistics=double_quant,
                         quant_type=quant_type,
@@ -102,12 +101,17 @@ def main() -> None:
     parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     parser.add_argument("--no-double-quant", action="store_true")
     parser.add_argument("--compute-dtype", default="bfloat16")
-    parser.add_argument("--skip-modules", nargs="*", default=None)
+    parser.add_argument("--blocksize", type=int, default=64, help="values per absmax block")
+    parser.add_argument(
+        "--skip-modules", nargs="*", default=None,
+        help="linear layers kept in 16 bits, by transformers' rule (a name prefix or regex, or "
+        "a name suffix)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     quantize_checkpoint(
         args.source, args.target, args.quant_type, not args.no_double_quant, args.compute_dtype,
-        skip_modules=args.skip_modules,
+        skip_modules=args.skip_modules, blocksize=args.blocksize,
     )  # fmt: skip
 
 

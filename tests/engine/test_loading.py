@@ -186,3 +186,70 @@ def test_max_model_len_and_dtype_arguments(checkpoints):
     )[0]
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
     assert out.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "skip",
+    [["model.layers.1.mlp", "lm_head"], [r"model\.layers\.\d+\.self_attn", "lm_head"]],
+    ids=["prefix", "regex"],
+)
+def test_skip_modules_follow_transformers_rule(checkpoints, tmp_path, skip):
+    """A prefix or regex in llm_int8_skip_modules (transformers matches them from the name's
+    start) keeps those layers in 16 bits, pre-quantized and in flight, as transformers does; a
+    bare "mlp" (neither the start nor the end of a linear layer's name) keeps none."""
+    path = checkpoints("llama")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
+    )
+    reference = load_reference(path, config)
+    prequant = LLM(model=str(prequantize(path, tmp_path / "skip", config)), dtype="float32")
+    inflight = LLM(
+        model=str(path), dtype="float32", quantization="bitsandbytes",
+        quantization_config={
+            "llm_int8_skip_modules": skip, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4",
+        },
+    )  # fmt: skip
+    for llm in (prequant, inflight):
+        kinds = {n: type(m.quant_method).__name__ for n, m in _linears(llm).items()}
+        kept_part = "layers.1.mlp" if skip[0].startswith("model.layers.1") else "attn"
+        for name, kind in kinds.items():
+            kept = kept_part in name
+            assert kind == ("UnquantizedLinearMethod" if kept else "BitsAndBytesLinearMethod"), name
+        for out in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False):
+            assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8)
+    bare = LLM(
+        model=str(path), dtype="float32", quantization="bitsandbytes",
+        quantization_config={"llm_int8_skip_modules": ["mlp"]},
+    )  # fmt: skip
+    assert all(
+        type(m.quant_method).__name__ == "BitsAndBytesLinearMethod"
+        for n, m in _linears(bare).items()
+        if n != "lm_head"
+    )
+
+
+def test_prequantized_block_size_and_storage_dtype_are_read_from_the_checkpoint(
+    checkpoints, tmp_path
+):
+    """transformers records a weight's block size in its quant_state only (config.json has no
+    key for it), and may store the packed bytes as another dtype (bnb_4bit_quant_storage):
+    both load, and agree with transformers reading the same files."""
+    from engine.quantize import quantize_checkpoint
+
+    path = checkpoints("llama")
+    block128 = quantize_checkpoint(path, tmp_path / "b128", compute_dtype="float32", blocksize=128)
+    bf16_storage = prequantize(
+        path, tmp_path / "bf16-storage",
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
+    )  # fmt: skip
+    for checkpoint, blocksize in ((block128, 128), (bf16_storage, 64)):
+        llm = LLM(model=str(checkpoint), dtype="float32")
+        layer = _linears(llm)["model.layers.0.mlp.down_proj"]
+        assert layer.quant_state.blocksize == blocksize
+        reference = load_reference(checkpoint)
+        for out in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False):
+            assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors import safe_open
 from torch import nn
 
 from engine.config import DTYPES
@@ -60,6 +63,15 @@ class Packed4bitWeight:
     blocksize: int
 
 
+def skipped_by(module: str, patterns: Iterable[str]) -> bool:
+    """Whether llm_int8_skip_modules keeps this linear layer (its full module name) in 16 bits,
+    by the rule of transformers, which writes and reads these checkpoints: a pattern matching
+    from the name's start as a regex (a prefix such as "model.layers.1.mlp", or
+    "model\\.layers\\.\\d+\\.self_attn"), or the name's end ("lm_head", "down_proj"). "mlp" alone
+    skips nothing: it neither starts nor ends a linear layer's name."""
+    return any(re.match(p, module) or module.endswith(p) for p in patterns)
+
+
 class BitsAndBytesConfig(QuantizationConfig, BaseModel):
     """4-bit bitsandbytes settings, with transformers' BitsAndBytesConfig names."""
 
@@ -78,7 +90,9 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
     bnb_4bit_blocksize: int = Field(64, description="Weights per absmax block (nibble extension).")
     bnb_4bit_quant_storage: str = Field("uint8", description="Storage dtype of packed weights.")
     llm_int8_skip_modules: list[str] | None = Field(
-        None, description="Linear layers (name or suffix) kept unquantized."
+        None,
+        description="Linear layers kept unquantized: a name prefix or regex, or a name suffix "
+        "(transformers' rule).",
     )
     prequantized: bool = Field(False, description="Weights come packed in the checkpoint.")
 
@@ -103,10 +117,9 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
             raise ValueError(
                 f"bnb_4bit_blocksize {self.bnb_4bit_blocksize} is not a bnb block size"
             )
-        if self.bnb_4bit_quant_storage != "uint8":
+        if not isinstance(getattr(torch, self.bnb_4bit_quant_storage, None), torch.dtype):
             raise ValueError(
-                f"bnb_4bit_quant_storage {self.bnb_4bit_quant_storage!r} is not supported; "
-                "use uint8"
+                f"bnb_4bit_quant_storage {self.bnb_4bit_quant_storage!r} is not a torch dtype"
             )
 
     def compute_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
@@ -123,11 +136,7 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
         return all(skipped)
 
     def _matches_skip(self, name: str) -> bool:
-        parts = name.split(".")
-        return any(
-            s == name or s in parts or name.endswith("." + s)
-            for s in self.llm_int8_skip_modules or []
-        )
+        return skipped_by(name, self.llm_int8_skip_modules or [])
 
     def get_linear_method(self, prefix: str) -> LinearMethod:
         if self.is_skipped(prefix):
@@ -142,8 +151,11 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
             yield from weights
             return
         pending: dict[str, dict[str, torch.Tensor]] = {}
+        # transformers stores the packed bytes in this dtype (bnb_4bit_quant_storage), viewed
+        # back as bytes here.
+        storage = getattr(torch, self.bnb_4bit_quant_storage)
         for name, tensor in weights:
-            base, part = _split_bnb_name(name, tensor)
+            base, part = _split_bnb_name(name, tensor, storage)
             if base is None:
                 yield name, tensor
                 continue
@@ -155,7 +167,9 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
             raise ValueError(f"incomplete bitsandbytes state for {sorted(pending)[:3]}")
 
 
-def _split_bnb_name(name: str, tensor: torch.Tensor) -> tuple[str | None, str]:
+def _split_bnb_name(
+    name: str, tensor: torch.Tensor, storage: torch.dtype = torch.uint8
+) -> tuple[str | None, str]:
     """('x.weight', part) for a bnb component of x.weight, else (None, '')."""
     if ".weight.quant_state." in name:
         base, _, _ = name.partition(".quant_state.")
@@ -163,7 +177,7 @@ def _split_bnb_name(name: str, tensor: torch.Tensor) -> tuple[str | None, str]:
     for suffix in _STATE_SUFFIXES:
         if name.endswith(".weight." + suffix):
             return name[: -len(suffix) - 1], suffix
-    if name.endswith(".weight") and tensor.dtype == torch.uint8:
+    if name.endswith(".weight") and tensor.dtype in (torch.uint8, storage):
         return name, "data"
     return None, ""
 
@@ -193,7 +207,7 @@ def _unpack(name: str, parts: dict[str, torch.Tensor]) -> Packed4bitWeight:
     out_size, in_size = (int(s) for s in meta["shape"])
     return Packed4bitWeight(
         name=name,
-        data=parts["data"].reshape(-1),
+        data=parts["data"].reshape(-1).view(torch.uint8),  # stored as bytes or another dtype
         absmax=absmax.float().reshape(-1),
         shape=(out_size, in_size),
         quant_type=str(meta["quant_type"]),
@@ -420,3 +434,15 @@ def _nest_and_denest(absmax: torch.Tensor) -> torch.Tensor:
 
 def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def stored_blocksize(files: Iterable[Path]) -> int | None:
+    """The absmax block size a pre-quantized checkpoint's packed weights were stored with,
+    from the first weight's quant_state (transformers records it there only, not in
+    config.json), or None where no packed weight is found."""
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if ".weight.quant_state.bitsandbytes__" in name:
+                    return int(_state_json(f.get_tensor(name))["blocksize"])
+    return None
