@@ -41,8 +41,32 @@ def rope_settings(config: PretrainedConfig) -> tuple[float, dict[str, object] | 
     return float(getattr(config, "rope_theta", 10000.0)), getattr(config, "rope_scaling", None)
 
 
+def rotary_embedding(config) -> RotaryEmbedding:
+    """The model's rotary tables, built once and shared by every layer (per layer they took
+    about 2 GiB for a 128k-context, 32-layer model)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta, scaling = rope_settings(config)
+    return RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
+
+
+def layer_sliding_window(config, index: int) -> int | None:
+    """Layer `index`'s attention window: the config's, on the layers its `layer_types` (as
+    transformers builds them: Qwen2 slides only from max_window_layers on) mark sliding, or on
+    every layer where it has none (Mistral); None where sliding is off."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[index] != "sliding_attention":
+        return None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, traits: ArchitectureTraits, quant_config, prefix: str) -> None:
+    def __init__(
+        self, config, traits: ArchitectureTraits, quant_config, prefix: str,
+        rotary_emb: RotaryEmbedding, sliding_window: int | None,
+    ) -> None:  # fmt: skip
         super().__init__()
         hidden_size = config.hidden_size
         num_heads = config.num_attention_heads
@@ -63,11 +87,7 @@ class LlamaAttention(nn.Module):
         if traits.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
-        theta, scaling = rope_settings(config)
-        self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, theta, scaling)
-        sliding_window = getattr(config, "sliding_window", None)
-        if getattr(config, "use_sliding_window", True) is False:
-            sliding_window = None
+        self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.num_heads, head_dim, self.num_kv_heads, head_dim**-0.5, sliding_window
         )
@@ -104,9 +124,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, traits, quant_config, prefix: str) -> None:
+    def __init__(
+        self, config, traits, quant_config, prefix: str, rotary_emb: RotaryEmbedding,
+        sliding_window: int | None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.self_attn = LlamaAttention(config, traits, quant_config, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(
+            config, traits, quant_config, f"{prefix}.self_attn", rotary_emb, sliding_window
+        )
         self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -130,8 +155,16 @@ class LlamaModel(nn.Module):
     def __init__(self, config, traits, quant_config) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = rotary_embedding(config)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, traits, quant_config, f"model.layers.{i}")
+            LlamaDecoderLayer(
+                config,
+                traits,
+                quant_config,
+                f"model.layers.{i}",
+                rotary_emb,
+                layer_sliding_window(config, i),
+            )  # fmt: skip
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -253,3 +253,30 @@ def test_prequantized_block_size_and_storage_dtype_are_read_from_the_checkpoint(
         reference = load_reference(checkpoint)
         for out in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False):
             assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8)
+
+
+def test_qwen2_slides_only_on_the_layers_its_config_names(tmp_path):
+    """Qwen2 with sliding windows on (layers from max_window_layers on slide, as transformers'
+    layer_types say; earlier ones attend to everything): the same tokens as transformers over
+    prompts four times the window. The rotary tables are built once for all layers."""
+    from checkpoints import build_model
+
+    path = build_model(
+        tmp_path / "qwen2-sliding", family="qwen2", use_sliding_window=True, sliding_window=8,
+        max_window_layers=1,
+    )  # fmt: skip
+    reference = load_reference(path)
+    assert reference.config.layer_types == ["full_attention", "sliding_attention"]
+    llm = LLM(model=str(path), dtype="float32")
+    windows = [
+        layer.self_attn.attn.sliding_window for layer in llm.llm_engine.runner.model.model.layers
+    ]
+    assert windows == [None, 8]
+    prompt = " ".join(PROMPTS[:3])  # well past the 8-token window
+    out = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) > 32
+    assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8)
+    rotaries = {
+        id(layer.self_attn.rotary_emb) for layer in llm.llm_engine.runner.model.model.layers
+    }
+    assert len(rotaries) == 1
