@@ -64,6 +64,18 @@ def _tokens(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], GREEDY, use_tqdm=False)]
 
 
+def _inflight_as_transformers_defaults(path, skip: list[str]) -> LLM:
+    """In-flight quantization as transformers' BitsAndBytesConfig defaults it (fp4, no double
+    quant), float32 compute, with this skip list."""
+    return LLM(
+        model=str(path), dtype="float32", quantization="bitsandbytes",
+        quantization_config={
+            "llm_int8_skip_modules": skip, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4",
+        },
+    )  # fmt: skip
+
+
 def test_skip_modules_in_flight_and_prequantized(checkpoints, tmp_path):
     path = checkpoints("qwen2")
     skip = ["down_proj", "lm_head"]
@@ -71,13 +83,7 @@ def test_skip_modules_in_flight_and_prequantized(checkpoints, tmp_path):
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip
     )
     reference = load_reference(path, config)
-    inflight = LLM(
-        model=str(path), dtype="float32", quantization="bitsandbytes",
-        quantization_config={
-            "llm_int8_skip_modules": skip, "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4",
-        },
-    )  # fmt: skip
+    inflight = _inflight_as_transformers_defaults(path, skip)
     prequant_path = prequantize(path, tmp_path / "skip", config)
     assert "model.layers.0.mlp.down_proj.weight.absmax" not in load_file(
         next(prequant_path.glob("*.safetensors"))
@@ -203,13 +209,7 @@ def test_skip_modules_follow_transformers_rule(checkpoints, tmp_path, skip):
     )
     reference = load_reference(path, config)
     prequant = LLM(model=str(prequantize(path, tmp_path / "skip", config)), dtype="float32")
-    inflight = LLM(
-        model=str(path), dtype="float32", quantization="bitsandbytes",
-        quantization_config={
-            "llm_int8_skip_modules": skip, "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4",
-        },
-    )  # fmt: skip
+    inflight = _inflight_as_transformers_defaults(path, skip)
     for llm in (prequant, inflight):
         kinds = {n: type(m.quant_method).__name__ for n, m in _linears(llm).items()}
         kept_part = "layers.1.mlp" if skip[0].startswith("model.layers.1") else "attn"
