@@ -28,13 +28,14 @@ def _server_options(model: ModelArgs) -> dict:
 
 
 def _absolute_paths(model: ModelArgs) -> ModelArgs:
-    """Local model paths are relative to where `serve run` starts, not to the replicas."""
-    update = {}
+    """Local model paths are relative to where `serve run` starts, not to the replicas. The
+    served name stays what the config says (`served_model_name`, else `model` as written)."""
+    update = {"served_model_name": model.name}
     for field in ("model", "tokenizer"):
         value = getattr(model, field)
         if value is not None and Path(value).exists():
             update[field] = str(Path(value).resolve())
-    return model.model_copy(update=update) if update else model
+    return model.model_copy(update=update)
 
 
 def build_app(args: dict) -> Application:

@@ -94,6 +94,8 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppArgs:
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("api_keys must not hold empty keys (they would let anyone in)")
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -51,30 +51,44 @@ def error_response(e: OpenAIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+def load_api_keys(args: AppArgs) -> list[bytes]:
+    """The accepted keys: the config's and those in api_keys_env, which must hold one (a Secret
+    mounted empty must not turn authentication off)."""
+    keys = list(args.api_keys)
+    if args.api_keys_env:
+        if args.api_keys_env not in os.environ:
+            raise ValueError(f"api_keys_env names {args.api_keys_env}, which is not set")
+        from_env = [k.strip() for k in os.environ[args.api_keys_env].split(",") if k.strip()]
+        if not from_env:
+            raise ValueError(f"api_keys_env names {args.api_keys_env}, which holds no key")
+        keys += from_env
+    return [k.encode() for k in keys]
+
+
+def authorize(request: Request, api_keys: list[bytes]) -> None:
+    """Raise 401 unless the request bears one of the keys (none: all pass; so do the open
+    paths, also under the app's route prefix, which Serve keeps in the path)."""
+    path = request.url.path.removeprefix(request.scope.get("root_path", "").rstrip("/"))
+    if not api_keys or path in _OPEN_PATHS:
+        return
+    header = request.headers.get("authorization", "")
+    key = header.removeprefix("Bearer ").strip().encode()
+    if not header.startswith("Bearer ") or not any(hmac.compare_digest(key, k) for k in api_keys):
+        raise OpenAIError(401, "invalid or missing API key", "authentication_error")
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, servers: dict[str, DeploymentHandle], args: AppArgs) -> None:
         self.servers = servers
         self.args = args
-        keys = list(args.api_keys)
-        if args.api_keys_env:
-            if args.api_keys_env not in os.environ:
-                raise ValueError(f"api_keys_env names {args.api_keys_env}, which is not set")
-            keys += [k.strip() for k in os.environ[args.api_keys_env].split(",") if k.strip()]
-        self.api_keys = [k.encode() for k in keys]
+        self.api_keys = load_api_keys(args)
 
     # Shared checks.
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_keys or request.url.path in _OPEN_PATHS:
-            return
-        header = request.headers.get("authorization", "")
-        key = header.removeprefix("Bearer ").strip().encode()
-        if not header.startswith("Bearer ") or not any(
-            hmac.compare_digest(key, k) for k in self.api_keys
-        ):
-            raise OpenAIError(401, "invalid or missing API key", "authentication_error")
+        authorize(request, self.api_keys)
 
     async def _body(self, request: Request) -> dict:
         self._authorize(request)

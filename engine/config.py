@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # KV cache block sizes, as vLLM allows them
 
 DTYPES = {
     "float32": torch.float32,
@@ -120,8 +123,29 @@ class EngineConfig(BaseModel):
     def _dtype(cls, value: str | torch.dtype) -> str:
         return parse_dtype(value)
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device {value!r} is not cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in BLOCK_SIZES:  # the attention kernels tile the cache in powers of two
+            raise ValueError(f"block_size {value} is not one of {BLOCK_SIZES}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
+        if self.max_num_batched_tokens is not None and (
+            self.max_num_batched_tokens < self.max_num_seqs
+        ):  # fewer tokens a step than sequences would cap the batch at the token budget
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
         if self.load_format == "bitsandbytes" and self.quantization not in (None, "bitsandbytes"):
             raise ValueError("load_format='bitsandbytes' needs quantization='bitsandbytes' or None")
         if self.quantization_config is not None and self.quantization is None:

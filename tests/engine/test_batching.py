@@ -85,7 +85,7 @@ def test_preempted_sequence_longer_than_a_step_is_recomputed_in_chunks(checkpoin
     }
     llm = _llm(
         checkpoints, num_gpu_blocks_override=4, enable_chunked_prefill=False,
-        max_num_batched_tokens=32,
+        max_num_batched_tokens=32, max_num_seqs=4,
     )  # fmt: skip
     engine = llm.llm_engine
     for name, ids in prompts.items():
