@@ -85,13 +85,22 @@ def quantize_checkpoint(
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": skip_modules, "llm_int8_threshold": 6.0,
+        # lm_head stays 16-bit here; transformers quantizes what the list does not name.
+        "llm_int8_skip_modules": _with_lm_head(skip_modules), "llm_int8_threshold": 6.0,
         "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False,
         "_load_in_4bit": True, "_load_in_8bit": False,
     }  # fmt: skip
     (target / "config.json").write_text(json.dumps(config, indent=2))
     logger.info("wrote %s (%s%s)", target, quant_type, " + double quant" if double_quant else "")
     return target
+
+
+def _with_lm_head(skip_modules: list[str] | None) -> list[str] | None:
+    """The skip list as written to config.json: lm_head (never quantized here) named in it, or
+    None (transformers' default, which keeps lm_head) where no list was given."""
+    if not skip_modules:
+        return None
+    return skip_modules if "lm_head" in skip_modules else [*skip_modules, "lm_head"]
 
 
 def main() -> None:

@@ -280,3 +280,66 @@ def test_qwen2_slides_only_on_the_layers_its_config_names(tmp_path):
         id(layer.self_attn.rotary_emb) for layer in llm.llm_engine.runner.model.model.layers
     }
     assert len(rotaries) == 1
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["model.layers.1", "model.layers.1.mlp", r"model\.layers\.\d+\.self_attn", "mlp", "down_proj",
+     "model.layers.0.mlp.gate", "lm_head", "layers.1.mlp"],
+)  # fmt: skip
+def test_skip_rule_is_transformers_own(pattern):
+    """skipped_by against the installed transformers' should_convert_module (the oracle), over
+    every linear layer name of a 12-layer Llama."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from engine.layers.quant.bitsandbytes import skipped_by
+
+    names = [
+        f"model.layers.{i}.{part}"
+        for i in range(12)
+        for part in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    ] + ["lm_head"]
+    for name in names:
+        assert skipped_by(name, [pattern]) == (not should_convert_module(name, [pattern])), name
+
+
+def test_quantized_copy_with_a_skip_list_loads_in_transformers_and_here(checkpoints, tmp_path):
+    """engine.quantize names lm_head (which it never quantizes) in the skip list it writes:
+    transformers quantizes every linear layer the list does not name."""
+    from engine.quantize import quantize_checkpoint
+
+    copy = quantize_checkpoint(
+        checkpoints("llama"), tmp_path / "q", compute_dtype="float32",
+        skip_modules=["model.layers.1.mlp"],
+    )  # fmt: skip
+    config = json.loads((copy / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_skip_modules"] == ["model.layers.1.mlp", "lm_head"]
+    reference = load_reference(copy)
+    llm = LLM(model=str(copy), dtype="float32")
+    for out in llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False):
+        assert out.outputs[0].token_ids == greedy(reference, out.prompt_token_ids, 8)
+
+
+def test_16bit_storage_of_a_16bit_model_keeps_its_16bit_tensors(checkpoints, tmp_path):
+    """With the packed bytes stored as bfloat16 in a bfloat16 model, only the tensors that have
+    a quant_state are packed bytes; norms and embeddings are the model's own."""
+    from checkpoints import build_model
+    from transformers import AutoModelForCausalLM
+
+    source = build_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=quant, dtype=torch.bfloat16
+    )
+    model.save_pretrained(tmp_path / "q")
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / "q" / f.name)
+    llm = LLM(model=str(tmp_path / "q"), dtype="bfloat16")
+    stored = load_file(next((tmp_path / "q").glob("*.safetensors")))
+    norm = llm.llm_engine.runner.model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm.cpu(), stored["model.layers.0.input_layernorm.weight"])
+    assert llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids

@@ -142,6 +142,14 @@ def test_worker_resources_and_names_render_for_any_values():
         "requests": {"nvidia.com/gpu": "1"},  # null drops the defaults; a map merges into them
         "limits": {"cpu": "4", "memory": "128Gi", "nvidia.com/gpu": "1"},
     }  # fmt: skip
+    (default,) = by_kind(render({}), "RayService")
+    resources = default["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
+        "containers"
+    ][0]["resources"]
+    assert resources == {  # each map its own (a shared one once gave the limits the requests)
+        "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
+        "limits": {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "1"},
+    }
     tp2 = {"models": [{"model": "m", "tensor_parallel_size": 2}]}
     with pytest.raises(Exception, match="gpusPerWorker .1. is less than the largest"):
         render({**tp2, "gpuWorkers": {"gpusPerWorker": 1}})

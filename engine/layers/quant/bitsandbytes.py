@@ -66,10 +66,13 @@ class Packed4bitWeight:
 def skipped_by(module: str, patterns: Iterable[str]) -> bool:
     """Whether llm_int8_skip_modules keeps this linear layer (its full module name) in 16 bits,
     by the rule of transformers, which writes and reads these checkpoints: a pattern matching
-    from the name's start as a regex (a prefix such as "model.layers.1.mlp", or
-    "model\\.layers\\.\\d+\\.self_attn"), or the name's end ("lm_head", "down_proj"). "mlp" alone
-    skips nothing: it neither starts nor ends a linear layer's name."""
-    return any(re.match(p, module) or module.endswith(p) for p in patterns)
+    from the name's start, as a regex, up to a module boundary ("model.layers.1" reaches
+    "model.layers.1.mlp.down_proj" but not layer 10; "model\\.layers\\.\\d+\\.self_attn"), or
+    the name's end ("lm_head", "down_proj"). "mlp" alone skips nothing."""
+    return any(re.match(rf"(?:{p}){_BOUNDARY}", module) or module.endswith(p) for p in patterns)
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"  # just after a dot, or before one or the end
 
 
 class BitsAndBytesConfig(QuantizationConfig, BaseModel):
@@ -161,8 +164,14 @@ class BitsAndBytesConfig(QuantizationConfig, BaseModel):
                 continue
             parts = pending.setdefault(base, {})
             parts[part] = materialize(tensor)
+            if "data?" in parts and len(parts) > 1:  # it has a quant_state: packed bytes
+                parts["data"] = parts.pop("data?")
             if _is_complete(parts):
                 yield base, _unpack(base, pending.pop(base))
+        # A weight in the storage dtype that never met a quant_state is a 16-bit one (a norm,
+        # the embeddings, a skipped layer) of a model whose storage dtype is its own.
+        for base in [b for b, parts in pending.items() if parts.keys() == {"data?"}]:
+            yield base, pending.pop(base)["data?"]
         if pending:
             raise ValueError(f"incomplete bitsandbytes state for {sorted(pending)[:3]}")
 
@@ -177,8 +186,10 @@ def _split_bnb_name(
     for suffix in _STATE_SUFFIXES:
         if name.endswith(".weight." + suffix):
             return name[: -len(suffix) - 1], suffix
-    if name.endswith(".weight") and tensor.dtype in (torch.uint8, storage):
+    if name.endswith(".weight") and tensor.dtype == torch.uint8:
         return name, "data"
+    if name.endswith(".weight") and tensor.dtype == storage:  # packed, or a 16-bit tensor
+        return name, "data?"
     return None, ""
 
 
