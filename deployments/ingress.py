@@ -51,6 +51,11 @@ def error_response(e: OpenAIError, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
+def error_result_response(result: dict) -> JSONResponse:
+    """The response for an error a replica returned (`OpenAIError.result`)."""
+    return JSONResponse(result["error"], status_code=result["status"])
+
+
 def load_api_keys(args: AppArgs) -> list[bytes]:
     """The accepted keys: the config's and those in api_keys_env, which must hold one (a Secret
     mounted empty must not turn authentication off)."""
@@ -135,12 +140,12 @@ class OpenAIIngress:
                 {"Retry-After": RETRY_AFTER_S},
             )
         if head["status"] != 200:
-            return JSONResponse(head["error"], status_code=head["status"])
+            return error_result_response(head)
         if head["stream"]:
             return StreamingResponse(stream, media_type="text/event-stream")
         result = await stream.__anext__()
         if "error" in result and "status" in result:
-            return JSONResponse(result["error"], status_code=result["status"])
+            return error_result_response(result)
         return JSONResponse(result)
 
     # Routes.
@@ -224,5 +229,5 @@ class OpenAIIngress:
         except OpenAIError as e:
             return error_response(e)
         if result["status"] != 200:
-            return JSONResponse(result["error"], status_code=result["status"])
+            return error_result_response(result)
         return result["body"]

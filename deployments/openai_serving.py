@@ -79,7 +79,7 @@ class OpenAIServing:
         try:
             request, jobs = handler(body)
         except OpenAIError as e:
-            yield {"status": e.status, "error": e.body()}
+            yield e.result()
             return
         yield {"status": 200, "stream": request.stream}
         chat = isinstance(request, ChatCompletionRequest)
@@ -94,7 +94,7 @@ class OpenAIServing:
                 yield sse(e.body())
                 yield DONE
             else:
-                yield {"status": e.status, "error": e.body()}
+                yield e.result()
 
     # Requests to jobs.
 

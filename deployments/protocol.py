@@ -18,6 +18,11 @@ class OpenAIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
 
+    def result(self) -> dict:
+        """The error as a replica returns it to the ingress (`error_result_response` reads it):
+        an exception would reach the ingress wrapped by Ray, not as itself."""
+        return {"status": self.status, "error": self.body()}
+
     def body(self) -> dict:
         return {
             "error": {

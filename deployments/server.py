@@ -176,4 +176,4 @@ def _status_or_error(handler, body: dict) -> dict:
     try:
         return {"status": 200, "body": handler(body)}
     except OpenAIError as e:
-        return {"status": e.status, "error": e.body()}
+        return e.result()
